@@ -1,0 +1,99 @@
+"""The `flm` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import FlmError
+
+DTYPE_HELP = ("weight type of the linear layers: float32, float16, bfloat16, int8 (per-row), "
+              "int4 (fastllm per-row int4), int4g (group-wise int4, see --group-size). "
+              "Embeddings and norms stay float32, as fastllm stores them")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert
+
+    options = ConvertOptions(dtype=args.dtype, group_size=args.group_size, model_type=args.model_type,
+                             template=args.template, pre_prompt=args.pre_prompt, user_role=args.user_role,
+                             bot_role=args.bot_role, history_sep=args.history_sep, progress=not args.quiet)
+    start = time.perf_counter()
+    cfg = convert(args.model_dir, args.output, options)
+    print(f"wrote {args.output}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"dtype {args.dtype}, in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect_flm import inspect_file
+
+    print(inspect_file(args.file))
+    return 0
+
+
+def _templates(args: argparse.Namespace) -> int:
+    from .templates import PRESETS
+
+    for name, template in sorted(PRESETS.items()):
+        print(f"{name}:")
+        for key in ("pre_prompt", "user_role", "bot_role", "history_sep"):
+            print(f"  {key:<11} {getattr(template, key)!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flm",
+        description="Convert LLaMA-family models to fastllm-compatible .flm files and run them.",
+        epilog="Run `flm COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face model folder to .flm",
+                          description="Stream a Hugging Face checkpoint (safetensors or .bin, sharded or not) "
+                                      "into a .flm file, one tensor at a time.")
+    conv.add_argument("model_dir", help="folder with config.json, weights and tokenizer files")
+    conv.add_argument("-o", "--output", required=True, help="the .flm file to write (written atomically)")
+    conv.add_argument("--dtype", default="float16", help=DTYPE_HELP + " (default: float16)")
+    conv.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                      help="int4g group size; rows it does not divide use the largest of 32/64/128 that does")
+    conv.add_argument("--model-type", help="override config.json's model_type (the cookbook's conf['model_type'])")
+    conv.add_argument("--template", help="prompt preset name (see `flm templates`)")
+    conv.add_argument("--pre-prompt", help="text before the first round")
+    conv.add_argument("--user-role", help="text before each user message")
+    conv.add_argument("--bot-role", help="text after each user message, before the answer")
+    conv.add_argument("--history-sep", help="text after each finished answer")
+    conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    conv.set_defaults(func=_convert)
+
+    insp = sub.add_parser("inspect", help="show what a .flm file holds",
+                          description="Version, key/values, tokenizer summary and tensor table of a .flm file.")
+    insp.add_argument("file")
+    insp.set_defaults(func=_inspect)
+
+    tmpl = sub.add_parser("templates", help="list the prompt presets")
+    tmpl.set_defaults(func=_templates)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="flm: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except FlmError as exc:
+        print(f"flm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

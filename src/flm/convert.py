@@ -1,0 +1,197 @@
+"""Streaming conversion: any TensorSource (checkpoint folder or in-memory model) -> .flm.
+
+One tensor is read, converted or quantized in row blocks, written, and dropped before the
+next, so peak memory is about the largest tensor, not the model (fastllm's torch2flm needs
+about 4 x parameters + 1 GB because it loads the whole model into torch first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import __version__
+from .config import NORMALIZED_KEY, TEMPLATE_KEYS, ModelConfig, parse_scalar
+from .errors import CheckpointError, TemplateError
+from .families import EMBEDDING, LINEAR, find_family
+from .format.flm import FlmWriter
+from .format.hf import HFCheckpoint, TensorSource
+from .quant import DType, choose_group_size, parse_dtype
+from .templates import PRESETS, Template, preset
+from .tokenizer import FastllmVocab, fastllm_vocab_from_sentencepiece, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+
+log = logging.getLogger("flm")
+
+TOKENIZER_JSON_KEY = "flm.tokenizer_json"
+CHAT_TEMPLATE_KEY = "flm.chat_template"
+TOKENIZER_CONFIG_KEY = "flm.tokenizer_config"
+FORMAT_KEY = "flm.format"
+TEMPLATE_NAME_KEY = "flm.template"
+
+
+@dataclass
+class ConvertOptions:
+    dtype: str = "float16"
+    group_size: int = 128
+    model_type: str | None = None
+    template: str | None = None
+    pre_prompt: str | None = None
+    user_role: str | None = None
+    bot_role: str | None = None
+    history_sep: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class TokenizerFiles:
+    """The tokenizer parts of a model, wherever they came from."""
+
+    tokenizer_json: str | None = None
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    sentencepiece_model: str | None = None
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "TokenizerFiles":
+        files = cls()
+        if (directory / "tokenizer.json").exists():
+            files.tokenizer_json = (directory / "tokenizer.json").read_text(encoding="utf-8")
+        if (directory / "tokenizer_config.json").exists():
+            try:
+                files.tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({exc})") from None
+        template = files.tokenizer_config.get("chat_template")
+        if (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        files.chat_template = template if isinstance(template, str) else None
+        if (directory / "tokenizer.model").exists():
+            files.sentencepiece_model = str(directory / "tokenizer.model")
+        return files
+
+    def fastllm_vocab(self) -> FastllmVocab | None:
+        if self.tokenizer_json is not None:
+            return fastllm_vocab_from_tokenizer_json(load_tokenizer_json(self.tokenizer_json))
+        if self.sentencepiece_model is not None:
+            return fastllm_vocab_from_sentencepiece(self.sentencepiece_model)
+        return None
+
+
+def choose_template(raw: dict[str, Any], options: ConvertOptions, default: str | None) -> tuple[str | None, Template | None]:
+    """Prompt strings by priority: explicit options, config.json's 方案二 keys, a preset name,
+    the family's default preset. (None, None) leaves the model's chat_template in charge."""
+    explicit = {k: getattr(options, k) for k in TEMPLATE_KEYS}
+    from_config = {k: raw[k] for k in TEMPLATE_KEYS if isinstance(raw.get(k), str)}
+    if options.template:
+        base = preset(options.template)
+        name = options.template
+    elif any(v is not None for v in explicit.values()) or from_config:
+        base, name = Template("", "", "", ""), "custom"
+    elif default:
+        return default, preset(default)
+    else:
+        return None, None
+    values = {k: getattr(base, k) for k in TEMPLATE_KEYS}
+    values.update(from_config)
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    return name, Template(**values)
+
+
+def _raw_config_kv(raw: dict[str, Any]) -> dict[str, str]:
+    """config.json values as fastllm's torch2flm writes them (str() of each), nested rope dicts flattened."""
+    kv = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key in ("rope_scaling", "rope_parameters"):
+                for sub, sub_value in value.items():
+                    kv[f"rope_scaling.{sub}"] = str(sub_value)
+            continue
+        kv[str(key)] = str(value)
+    return kv
+
+
+def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[str, Any],
+                generation_config: dict[str, Any], tokenizer: TokenizerFiles, options: ConvertOptions) -> ModelConfig:
+    """Convert one model to `out`; returns the normalized config it wrote."""
+    raw = dict(raw_config)
+    if options.model_type:
+        raw["model_type"] = options.model_type
+    dtype, group_from_name = parse_dtype(options.dtype)
+    group_size = group_from_name or options.group_size
+    family = find_family(raw)
+    cfg = family.config(raw, generation_config)
+    template_name, template = choose_template(raw, options, family.default_template)
+    if template_name:
+        log.info("prompt template: %s", template_name)
+    elif tokenizer.chat_template:
+        log.info("prompt template: the model's own chat_template")
+    vocab = tokenizer.fastllm_vocab()
+    plan = family.plan(source, cfg)  # checks every shape before anything is written
+
+    kv = _raw_config_kv(raw)
+    for key in list(kv):
+        if key.startswith("rope_scaling.") and cfg.rope_scaling.kind == "default":
+            del kv[key]  # normalized away (e.g. 5.x rope_parameters of type default)
+    kv.update(cfg.fastllm_kv())
+    if vocab is not None:
+        kv.update(vocab.kv)
+    if "tokenizer_add_dummy_prefix" in raw:  # the cookbook's override wins over detection
+        kv["tokenizer_add_dummy_prefix"] = str(bool(parse_scalar(raw["tokenizer_add_dummy_prefix"])))
+    if template is not None:
+        kv.update({k: getattr(template, k) for k in TEMPLATE_KEYS})
+        kv[TEMPLATE_NAME_KEY] = template_name
+    kv[NORMALIZED_KEY] = cfg.to_json()
+    kv[FORMAT_KEY] = f"written by flm {__version__}; fastllm .flm version 2 layout; flm.* keys are extras fastllm ignores"
+    if tokenizer.tokenizer_json is not None:
+        kv[TOKENIZER_JSON_KEY] = tokenizer.tokenizer_json
+    if tokenizer.tokenizer_config:
+        kv[TOKENIZER_CONFIG_KEY] = json.dumps(
+            {k: v for k, v in tokenizer.tokenizer_config.items() if k not in ("chat_template", "added_tokens_decoder")},
+            default=str)
+    if tokenizer.chat_template:
+        kv[CHAT_TEMPLATE_KEY] = tokenizer.chat_template
+    if vocab is not None and vocab.entries:
+        kv["tokenizer_use_score"] = "1"
+    if vocab is not None and vocab.special_tokens:
+        kv["tokenizer_has_special_tokens"] = "1"
+    kv = dict(sorted(kv.items()))
+
+    fallback_logged = set()
+    with FlmWriter(out) as writer:
+        writer.write_header(kv, vocab.entries if vocab else [], vocab.special_tokens if vocab else [])
+        writer.begin_tensors(len(plan))
+        bar = tqdm(plan, desc=f"convert -> {Path(out).name}", unit="tensor", disable=not options.progress)
+        for item in bar:
+            tensor = item.read()
+            target = dtype if item.kind == LINEAR else DType.FLOAT32
+            group = group_size
+            if target == DType.INT4_GROUP:
+                group = choose_group_size(item.shape[1], group_size)
+                if group != group_size and (item.shape[1], group) not in fallback_logged:
+                    fallback_logged.add((item.shape[1], group))
+                    log.warning("int4g: group size %d does not divide row length %d; using %d", group_size, item.shape[1], group)
+            if item.kind == EMBEDDING:
+                target = DType.FLOAT32
+            writer.write_tensor(item.name, tensor, target, group)
+            del tensor
+    return cfg
+
+
+def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None) -> ModelConfig:
+    """`flm convert`: a Hugging Face model folder -> .flm."""
+    options = options or ConvertOptions()
+    if options.template and options.template not in PRESETS:
+        raise TemplateError(f"unknown template {options.template!r}; `flm templates` lists: {', '.join(sorted(PRESETS))}")
+    ckpt = HFCheckpoint(model_dir)
+    tokenizer = TokenizerFiles.from_dir(ckpt.dir)
+    if tokenizer.tokenizer_json is None and tokenizer.sentencepiece_model is None:
+        log.warning("%s has no tokenizer.json or tokenizer.model: the .flm will have no tokenizer", ckpt.dir)
+    return write_model(out, ckpt, ckpt.config, ckpt.generation_config, tokenizer, options)

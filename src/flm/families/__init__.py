@@ -1,0 +1,33 @@
+"""Family registry: model_type / architectures -> adapter. Adding a family = one module + one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnknownFamilyError
+from .base import EMBEDDING, LINEAR, PLAIN, Family, OutputTensor, canonical_shapes, tensor_kind
+from .llama import LlamaFamily
+
+FAMILIES: list[Family] = [LlamaFamily()]
+
+
+def find_family(raw_config: dict[str, Any]) -> Family:
+    """The adapter for a config: by model_type first, then by architectures."""
+    model_type = str(raw_config.get("model_type") or "").lower()
+    for family in FAMILIES:
+        if model_type and model_type in family.model_types:
+            return family
+    for arch in raw_config.get("architectures") or []:
+        for family in FAMILIES:
+            if arch in family.architectures:
+                return family
+    known = sorted({t for f in FAMILIES for t in f.model_types})
+    raise UnknownFamilyError(
+        f"unknown model_type {model_type or '(none)'!r} with architectures {raw_config.get('architectures')}; "
+        f"flm knows {', '.join(known)}. If the model is LLaMA-shaped, pass --model-type llama "
+        f"(or set \"model_type\": \"llama\" in config.json, as the cookbook does)"
+    )
+
+
+__all__ = ["EMBEDDING", "FAMILIES", "Family", "LINEAR", "OutputTensor", "PLAIN", "canonical_shapes",
+           "find_family", "tensor_kind"]

@@ -1,0 +1,153 @@
+"""What every family adapter provides, and the LLaMA tensor layout they all map onto.
+
+The runtime and the .flm files use Hugging Face LLaMA tensor names (`model.layers.N.self_attn.
+q_proj.weight`, ...), the names fastllm's own LLaMA model reads. An adapter turns a family's
+config keys into a ModelConfig and its tensors into that layout (renaming, splitting packed
+tensors), checking every shape against the config before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..config import ModelConfig, as_int_list, parse_scalar, require, rope_from_dict
+from ..errors import CheckpointError
+from ..format.hf import TensorSource
+
+LINEAR, EMBEDDING, PLAIN = "linear", "embedding", "plain"
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the .flm: its name, shape, role (decides its dtype) and how to read it."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    read: Callable[[], torch.Tensor]
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical per-layer tensor shapes (suffix after `model.layers.N.`)."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    q = cfg.num_attention_heads * cfg.head_dim
+    shapes = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+        "mlp.up_proj.weight": (cfg.intermediate_size, h),
+        "mlp.down_proj.weight": (h, cfg.intermediate_size),
+    }
+    if cfg.qkv_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.o_bias:
+        shapes["self_attn.o_proj.bias"] = (h,)
+    if cfg.mlp_bias:
+        shapes.update({"mlp.gate_proj.bias": (cfg.intermediate_size,), "mlp.up_proj.bias": (cfg.intermediate_size,),
+                       "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape the runtime expects, in file order."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
+    for i in range(cfg.num_hidden_layers):
+        for suffix, shape in layer_shapes(cfg).items():
+            shapes[f"model.layers.{i}.{suffix}"] = shape
+    shapes["model.norm.weight"] = (cfg.hidden_size,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def tensor_kind(name: str) -> str:
+    if name == "model.embed_tokens.weight":
+        return EMBEDDING
+    if name.endswith("_proj.weight") or name == "lm_head.weight":
+        return LINEAR
+    return PLAIN
+
+
+class Family:
+    """A LLaMA-shaped family; subclasses override the config keys or the tensor mapping."""
+
+    name = "llama"
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    default_template: str | None = None
+
+    # ------------------------------------------------------------ config
+    def config(self, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        generation = generation or {}
+        theta, scaling = rope_from_dict(raw)
+        heads = int(require(raw, "num_attention_heads"))
+        eos = as_int_list(raw.get("eos_token_id")) + as_int_list(generation.get("eos_token_id"))
+        flags = self.bias_flags(raw)
+        return ModelConfig(
+            model_type=str(self.name),
+            hidden_size=int(require(raw, "hidden_size")),
+            intermediate_size=int(require(raw, "intermediate_size")),
+            num_hidden_layers=int(require(raw, "num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(parse_scalar(raw.get("num_key_value_heads")) or heads),
+            vocab_size=int(require(raw, "vocab_size")),
+            head_dim=int(parse_scalar(raw.get("head_dim")) or 0),
+            rms_norm_eps=float(parse_scalar(raw.get("rms_norm_eps", raw.get("layer_norm_epsilon", 1e-6)))),
+            max_position_embeddings=int(parse_scalar(raw.get("max_position_embeddings")) or 2048),
+            rope_theta=theta if theta is not None else 10000.0,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(parse_scalar(raw.get("tie_word_embeddings", False))),
+            hidden_act=str(parse_scalar(raw.get("hidden_act")) or "silu"),
+            bos_token_id=_first(as_int_list(raw.get("bos_token_id")) or as_int_list(generation.get("bos_token_id"))),
+            eos_token_ids=list(dict.fromkeys(eos)),
+            pad_token_id=_first(as_int_list(raw.get("pad_token_id"))),
+            architectures=[str(a) for a in (raw.get("architectures") or [])],
+            **flags,
+        )
+
+    def bias_flags(self, raw: dict[str, Any]) -> dict[str, bool]:
+        attention_bias = bool(parse_scalar(raw.get("attention_bias", False)))
+        return {"qkv_bias": attention_bias, "o_bias": attention_bias,
+                "mlp_bias": bool(parse_scalar(raw.get("mlp_bias", False)))}
+
+    # ------------------------------------------------------------ tensors
+    def source_name(self, canonical: str) -> str:
+        """The checkpoint's name for a canonical tensor (identity for LLaMA layouts)."""
+        return canonical
+
+    def plan(self, source: TensorSource, cfg: ModelConfig) -> list[OutputTensor]:
+        """Every tensor of the .flm, shape-checked against the config before any is read."""
+        available = set(source.names())
+        out = []
+        for name, shape in canonical_shapes(cfg).items():
+            reader = self.reader(source, available, cfg, name)
+            if reader is None:
+                raise CheckpointError(f"checkpoint has no tensor for {name} (looked for {self.source_name(name)!r})")
+            actual_shape, read = reader
+            if tuple(actual_shape) != tuple(shape):
+                raise CheckpointError(
+                    f"tensor {self.source_name(name)!r} has shape {tuple(actual_shape)} but the config implies {shape}"
+                )
+            out.append(OutputTensor(name, shape, tensor_kind(name), read))
+        return out
+
+    def reader(self, source: TensorSource, available: set[str], cfg: ModelConfig, name: str):
+        """(shape, read) for a canonical tensor, or None when the checkpoint lacks it."""
+        src = self.source_name(name)
+        if src in available:
+            return source.shape(src), (lambda: source.read(src))
+        if name == "lm_head.weight":  # tied (or lm_head omitted): fastllm's files still carry it
+            emb = self.source_name("model.embed_tokens.weight")
+            if emb in available:
+                return source.shape(emb), (lambda: source.read(emb))
+        return None
+
+
+def _first(values: list[int]) -> int | None:
+    return values[0] if values else None

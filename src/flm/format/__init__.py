@@ -1,0 +1,1 @@
+"""File formats: .flm (fastllm's container) and lazy Hugging Face checkpoints."""

@@ -1,0 +1,205 @@
+"""The one numeric definition of every .flm data type.
+
+Writers follow fastllm's `torch2flm.py` (numpy float32 arithmetic, numpy's round-half-even);
+readers follow fastllm's C++ `LowBitConfig` (std::round, min/max clamped through zero). Both
+are reproduced step by step in float32 torch ops, which round exactly as numpy and C++ do, so
+our bytes and our dequantized values are fastllm's bit for bit.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedDtypeError
+
+
+class DType(enum.IntEnum):
+    """fastllm's data-type codes (fastllm.h `enum DataType`)."""
+
+    FLOAT32 = 0
+    BFLOAT16 = 1
+    INT8 = 3
+    INT4 = 4  # int4 with a zero point (old fastllm writers)
+    FLOAT16 = 7
+    INT4_NOZERO = 8  # per-row int4: value = min + q * scale
+    INT4_GROUP = 9  # group-wise int4: value = min + q * scale per group
+
+
+# Names users type (CLI, tofile, from_hf) -> code. "int4" is fastllm's per-row INT4_NOZERO.
+DTYPE_NAMES: dict[str, DType] = {
+    "float32": DType.FLOAT32,
+    "bfloat16": DType.BFLOAT16,
+    "float16": DType.FLOAT16,
+    "int8": DType.INT8,
+    "int4": DType.INT4_NOZERO,
+    "int4g": DType.INT4_GROUP,
+}
+
+FLOAT_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
+GROUP_SIZES = (32, 64, 128)
+
+
+def parse_dtype(name: str) -> tuple[DType, int | None]:
+    """Parse a dtype name; `int4g` may carry its group size as fastllm spells it (`int4g64`)."""
+    key = str(name).strip().lower()
+    if key.startswith("int4g") and key[5:].isdigit():
+        return DType.INT4_GROUP, int(key[5:])
+    if key not in DTYPE_NAMES:
+        raise UnsupportedDtypeError(
+            f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)} (int4g may be written int4g32/int4g64/int4g128)"
+        )
+    return DTYPE_NAMES[key], None
+
+
+def dtype_code(value: int) -> DType:
+    try:
+        return DType(value)
+    except ValueError:
+        raise UnsupportedDtypeError(f"unknown .flm data type code {value}") from None
+
+
+def choose_group_size(row_length: int, requested: int) -> int:
+    """Largest of 32/64/128 (not above `requested`) that divides the row; fastllm pads instead."""
+    for size in sorted((s for s in GROUP_SIZES if s <= requested), reverse=True):
+        if row_length % size == 0:
+            return size
+    raise UnsupportedDtypeError(
+        f"int4g needs a row length divisible by 32, got {row_length}; use int4 or int8 for this model"
+    )
+
+
+@dataclass
+class Quantized:
+    """A quantized matrix as stored in a .flm: per-channel (min, max) pairs and packed bytes."""
+
+    dtype: DType
+    mins: torch.Tensor  # float32 [channels]
+    maxs: torch.Tensor  # float32 [channels]
+    data: torch.Tensor  # uint8, row-major
+    group: int = 1  # groups per row (INT4_GROUP only)
+    group_cnt: int = 0  # elements per group (INT4_GROUP only)
+
+
+# ---------------------------------------------------------------- writers (fastllm torch2flm)
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte, the even element in the high nibble."""
+    return (q[:, 0::2] * 16 + q[:, 1::2]).to(torch.uint8)
+
+
+def quantize_int8(w: torch.Tensor) -> Quantized:
+    """torch2flm write_int8: symmetric per row, stored as (-absmax, absmax)."""
+    w = w.to(torch.float32)
+    c_max = w.abs().amax(dim=-1, keepdim=True).clamp(0.1, float("inf"))
+    c_scale = c_max / 127.0
+    q = (w / c_scale + 128.5).clamp(1, 255).to(torch.uint8)
+    return Quantized(DType.INT8, -c_max[:, 0], c_max[:, 0].clone(), q.contiguous())
+
+
+def _int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch2flm's int4 rounding on each row of `w`: returns (stored min, max, q in 0..15)."""
+    c_min = w.amin(dim=-1, keepdim=True)
+    c_max = w.amax(dim=-1, keepdim=True)
+    c_scale = (c_max - c_min) / 15.0
+    flat = c_scale == 0  # a constant row: numpy would divide by zero; keep it exact instead
+    safe_scale = torch.where(flat, torch.ones_like(c_scale), c_scale)
+    c_zero = torch.round(0.0 - c_min / safe_scale).clamp(0, 15)
+    c_min_q = torch.where(flat, c_min, -c_scale * c_zero)
+    q = ((w - c_min_q) / safe_scale + 0.5).to(torch.int8).clamp(0, 15)
+    q = torch.where(flat, torch.zeros_like(q), q)
+    return c_min_q[:, 0], c_max[:, 0], q.to(torch.uint8)
+
+
+def quantize_int4(w: torch.Tensor) -> Quantized:
+    """torch2flm write_int4 (INT4_NOZERO): per-row min/max with a zero snapped to the grid."""
+    w = w.to(torch.float32)
+    if w.shape[-1] % 2:
+        raise UnsupportedDtypeError(f"int4 needs an even row length, got {w.shape[-1]}")
+    mins, maxs, q = _int4_rows(w)
+    return Quantized(DType.INT4_NOZERO, mins, maxs, _pack_nibbles(q).contiguous())
+
+
+def quantize_int4_group(w: torch.Tensor, group_cnt: int) -> Quantized:
+    """torch2flm write_int4g (INT4_GROUP) for rows that `group_cnt` divides."""
+    w = w.to(torch.float32)
+    rows, cols = w.shape
+    if cols % group_cnt:
+        raise UnsupportedDtypeError(f"group size {group_cnt} does not divide row length {cols}")
+    group = cols // group_cnt
+    mins, maxs, q = _int4_rows(w.reshape(rows * group, group_cnt))
+    packed = _pack_nibbles(q.reshape(rows, cols))
+    return Quantized(DType.INT4_GROUP, mins, maxs, packed.contiguous(), group, group_cnt)
+
+
+def quantize(w: torch.Tensor, dtype: DType, group_cnt: int = 128) -> Quantized:
+    if dtype == DType.INT8:
+        return quantize_int8(w)
+    if dtype == DType.INT4_NOZERO:
+        return quantize_int4(w)
+    if dtype == DType.INT4_GROUP:
+        return quantize_int4_group(w, group_cnt)
+    raise UnsupportedDtypeError(f"{dtype.name} is not a quantized type")
+
+
+# ---------------------------------------------------------------- readers (fastllm LowBitConfig)
+
+def lowbit_params(mins: torch.Tensor, maxs: torch.Tensor, bit: int, no_zero: bool):
+    """fastllm LowBitConfig::Reset in float32: returns (scale, zero_point, min) per channel."""
+    qmax = float((1 << bit) - 1)
+    lo = torch.minimum(mins.to(torch.float32), torch.zeros(()))
+    hi = torch.maximum(maxs.to(torch.float32), torch.zeros(()))
+    scale = (hi - lo) / qmax
+    with torch.no_grad():
+        initial = 0.0 - lo / scale  # float32, as in C++
+        x = initial.to(torch.float64)
+        rounded = torch.sign(x) * torch.floor(x.abs() + 0.5)  # std::round: half away from zero
+        zero = torch.where(initial < 0, torch.zeros_like(x), torch.where(initial > qmax, torch.full_like(x, qmax), rounded))
+        zero = torch.nan_to_num(zero, nan=0.0).to(torch.float32)
+    if no_zero:
+        lo = -scale * zero
+    return scale, zero, lo
+
+
+def _unpack_nibbles(data: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """fastllm packs the flat element sequence, high nibble first."""
+    flat = data.reshape(-1)
+    out = torch.empty(flat.numel() * 2, dtype=torch.uint8)
+    out[0::2] = flat >> 4
+    out[1::2] = flat & 0xF
+    return out[: rows * cols].reshape(rows, cols)
+
+
+def dequantize(q: Quantized, shape: tuple[int, int]) -> torch.Tensor:
+    """The float32 values fastllm computes from stored bytes (reference for every kernel)."""
+    rows, cols = shape
+    if q.dtype == DType.INT8:
+        scale, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
+        vals = q.data.reshape(rows, cols).to(torch.float32)
+        return scale[:, None] * (vals - zero[:, None])
+    if q.dtype == DType.INT4:
+        scale, zero, _ = lowbit_params(q.mins, q.maxs, 4, no_zero=False)
+        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
+        return scale[:, None] * (vals - zero[:, None])
+    if q.dtype == DType.INT4_NOZERO:
+        scale, _, lo = lowbit_params(q.mins, q.maxs, 4, no_zero=True)
+        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
+        return lo[:, None] + scale[:, None] * vals
+    if q.dtype == DType.INT4_GROUP:
+        scale, _, lo = lowbit_params(q.mins, q.maxs, 4, no_zero=True)
+        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
+        # fastllm pads each row to group * group_cnt; element j uses config j // group_cnt
+        col_group = torch.arange(cols) // q.group_cnt
+        idx = torch.arange(rows)[:, None] * q.group + col_group[None, :]
+        return lo[idx] + scale[idx] * vals
+    raise UnsupportedDtypeError(f"{q.dtype.name} is not a quantized type")
+
+
+def quantized_nbytes(dtype: DType, rows: int, cols: int) -> int:
+    """Bytes of packed data fastllm's GetBytes gives for a [rows, cols] tensor."""
+    count = rows * cols
+    if dtype == DType.INT8:
+        return count
+    return (count + 1) // 2

@@ -1,0 +1,116 @@
+"""Prompt templates: fastllm's four strings, the cookbook's presets, and Jinja chat_templates.
+
+fastllm builds a prompt as
+    pre_prompt + sum(user_role + q_i + bot_role + a_i + history_sep) + user_role + q + bot_role
+(LlamaModel::MakeInput/MakeHistory). A model's own `chat_template` is rendered the way
+transformers' apply_chat_template does, in a sandbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import TemplateError
+
+_LLAMA2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+    "while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question does not make any sense, "
+    "or is not factually coherent, explain why instead of answering something not correct. If you don't know the answer to a question, "
+    "please don't share false information."
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    pre_prompt: str
+    user_role: str
+    bot_role: str
+    history_sep: str
+
+    def prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+        """fastllm's MakeInput over MakeHistory for every finished round."""
+        text = self.pre_prompt
+        for question, answer in history or []:
+            text += self.user_role + question + self.bot_role + answer + self.history_sep
+        return text + self.user_role + query + self.bot_role
+
+
+# The cookbook's exact strings ("LLaMA 类模型转换参考"), plus fastllm's LLaMA default (alpaca).
+PRESETS: dict[str, Template] = {
+    "alpaca": Template(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+        "### Instruction:\n", "\n\n### Response:", "</s>"),
+    "base": Template("", "", "", ""),
+    "base-bos": Template("<FLM_FIX_TOKEN_1>", "", "", ""),
+    "internlm": Template("<s><s>", "<|User|>:", "<eoh>\n<|Bot|>:", "<eoa>\n<s>"),
+    "xverse": Template("", "Human: ", "\n\nAssistant: ", "<FLM_FIX_TOKEN_3>"),
+    "vicuna": Template(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
+        "USER: ", " ASSISTANT:", "<s>"),
+    "billa": Template("\n", "Human: ", "\nAssistant: ", "\n"),
+    "llama2-chat": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "llama2-chat-system": Template(
+        "<FLM_FIX_TOKEN_1>[INST] <<SYS>>\n" + _LLAMA2_SYSTEM + "\n<</SYS>>\n\n",
+        " ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "codellama-instruct": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "chinese-alpaca-2": Template(
+        "<FLM_FIX_TOKEN_1>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n",
+        " ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "yulan": Template(
+        "The following is a conversation between a human and an AI assistant namely YuLan, developed by GSAI, "
+        "Renmin University of China. The AI assistant gives helpful, detailed, and polite answers to the user's questions.\n",
+        "[|Human|]:", "\n[|AI|]:", "\n"),
+    "yi": Template("", "<|im_start|>user\n", "<|im_end|><|im_start|>assistant\n", "<|im_end|>\n"),
+    "wizardcoder": Template(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+        "### Instruction:\n", "\n\n### Response:", "\n"),
+    "deepseek-coder": Template(
+        "<FLM_FIX_TOKEN_32013>\tYou are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, "
+        "and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, "
+        "and other non-computer science questions, you will refuse to answer.\n",
+        "### Instruction:\n", "\n### Response:\n", "\n<|EOT|>\n"),
+}
+PRESETS["sus-chat"] = PRESETS["yi"]
+PRESETS["internlm2"] = PRESETS["internlm"]
+
+
+def preset(name: str) -> Template:
+    if name not in PRESETS:
+        raise TemplateError(f"unknown template {name!r}; `flm templates` lists: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def template_from_kv(kv: dict[str, str]) -> Template | None:
+    """The four fastllm strings from a .flm key/value table, if the file sets any of them."""
+    keys = ("pre_prompt", "user_role", "bot_role", "history_sep")
+    if not any(k in kv for k in keys):
+        return None
+    return Template(*(kv.get(k, "") for k in keys))
+
+
+def render_chat_template(source: str, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                         **special: str) -> str:
+    """Render a Jinja chat_template like transformers' apply_chat_template, sandboxed."""
+    from jinja2 import TemplateError as JinjaError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(f"chat_template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = _tojson
+    try:
+        return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    except TemplateError:
+        raise
+    except (JinjaError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise TemplateError(f"chat_template failed to render: {exc}") from None
+
+
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    import json
+
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
