@@ -17,6 +17,22 @@ from .format.flm import VocabEntry
 
 FIX_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(-?\d+)>")
 FIX_TOKEN_START = "<FLM_FIX_TOKEN_"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {ch: b for b, ch in gpt2_byte_chars().items()}
 
 
 @dataclass
@@ -109,6 +125,7 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise TemplateError(f"stored tokenizer.json cannot be loaded: {exc}") from None
         self.vocab_size = vocab_size or self._tok.get_vocab_size(with_added_tokens=True)
+        self.byte_level = _is_byte_level(json.loads(tokenizer_json))
 
     @classmethod
     def from_file(cls, path: str, vocab_size: int | None = None) -> "Tokenizer":
@@ -139,6 +156,17 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (fastllm's tokenizer_decode_token)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        if self.byte_level:
+            return bytes(_BYTE_DECODER.get(ch, 32) for ch in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

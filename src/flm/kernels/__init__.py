@@ -1,0 +1,112 @@
+"""Linear layers over weights kept in their file dtype, chosen per weight at load time.
+
+`make_linear` picks the fastest implementation available for a weight's dtype and device;
+`ReferenceLinear` (dequantize with fastllm's formula, then a float32 matmul) always exists and
+the tests compare every fast path against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import FLOAT_DTYPES, DType, Quantized, dequantize, lowbit_params
+
+ROW_CHUNK = 4096  # rows dequantized at a time by the reference path
+
+
+class Linear:
+    """y = x @ W.T (+ b) for x of shape [..., in_features]; float32 in, float32 out."""
+
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The float32 weight this layer computes with (for checks and tied embeddings)."""
+        raise NotImplementedError
+
+
+class FloatLinear(Linear):
+    """float32/bfloat16/float16 weights used in place; activations cast to the weight dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight
+        self.bias = None if bias is None else bias.to(torch.float32)
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x.to(self.weight.dtype), self.weight).to(torch.float32)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.weight.to(torch.float32)
+
+
+class ReferenceLinear(Linear):
+    """Any quantized weight: dequantize a block of rows with fastllm's formula, multiply."""
+
+    def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
+        self.q = q
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else bias.to(torch.float32)
+        self._row_bytes = q.data.numel() // shape[0] if shape[0] else 0
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        per_row = self.q.group if self.q.dtype == DType.INT4_GROUP else 1
+        part = Quantized(self.q.dtype, self.q.mins[start * per_row: stop * per_row],
+                         self.q.maxs[start * per_row: stop * per_row],
+                         self.q.data[start * self._row_bytes: stop * self._row_bytes], self.q.group, self.q.group_cnt)
+        return dequantize(part, (stop - start, self.in_features))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [F.linear(x, self._rows(s, min(s + ROW_CHUNK, self.out_features)))
+                for s in range(0, self.out_features, ROW_CHUNK)]
+        y = torch.cat(outs, dim=-1)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.q, (self.out_features, self.in_features))
+
+
+class Int8Linear(Linear):
+    """fastllm int8 rows whose zero point is 128 (every fastllm/flm writer) are symmetric int8:
+    W = scale * (q - 128), exactly torch's int8 weight-only matmul."""
+
+    def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
+        scale, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
+        self.out_features, self.in_features = shape
+        self.signed = (q.data.reshape(shape).to(torch.int16) - zero.to(torch.int16)[:, None]).to(torch.int8)
+        self.scale = scale.contiguous()
+        self.bias = None if bias is None else bias.to(torch.float32)
+
+    @staticmethod
+    def applies(q: Quantized) -> bool:
+        _, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
+        return bool((zero == 128).all()) and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.signed, self.scale)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.signed.to(torch.float32) * self.scale[:, None]
+
+
+def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,
+                reference: bool = False) -> Linear:
+    """The fastest available Linear for this weight (the reference one when asked)."""
+    if isinstance(weight, torch.Tensor):
+        return FloatLinear(weight, bias)
+    if not reference and weight.dtype == DType.INT8 and Int8Linear.applies(weight):
+        return Int8Linear(weight, shape, bias)
+    return ReferenceLinear(weight, shape, bias)
+
+
+__all__ = ["FLOAT_DTYPES", "FloatLinear", "Int8Linear", "Linear", "ReferenceLinear", "make_linear"]

@@ -1,0 +1,208 @@
+"""fastllm's Python API (`fastllm_pytools.llm`): model(path), from_hf(...), response, chat, ...
+
+Names, defaults and semantics follow fastllm: `max_length` counts new tokens, `top_k=1`
+(the default) means greedy, `tokenizer_encode_string` adds no BOS, prompts are
+pre_prompt + rounds of user_role + query + bot_role (+ answer + history_sep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from typing import Any, Iterator
+
+import torch
+
+from .config import NORMALIZED_KEY, ModelConfig
+from .convert import CHAT_TEMPLATE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
+from .errors import FlmFormatError, TemplateError
+from .families import find_family
+from .format.flm import FlmFile, read_flm, rewrite_flm
+from .generate import SamplingConfig, generate
+from .model import Transformer
+from .templates import PRESETS, Template, render_chat_template, template_from_kv
+from .tokenizer import StreamDecoder, Tokenizer
+from .vocab_tokenizer import tokenizer_from_vocab
+
+
+def set_cpu_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def get_cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
+def _config_from_kv(flm: FlmFile) -> ModelConfig:
+    if NORMALIZED_KEY in flm.kv:
+        try:
+            return ModelConfig.from_json(flm.kv[NORMALIZED_KEY])
+        except (ValueError, TypeError) as exc:
+            raise FlmFormatError(flm.path, f"stored flm.config is invalid: {exc}") from None
+    raw: dict[str, Any] = dict(flm.kv)
+    raw.setdefault("model_type", "llama")
+    return find_family(raw).config(raw)
+
+
+class model:  # noqa: N801 - fastllm's class name
+    """A loaded .flm model."""
+
+    def __init__(self, path: str | os.PathLike, id: int = -1, lora: str | None = None,  # noqa: A002
+                 reference: bool = False):
+        if lora is not None:
+            raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns that the read-only map is not writable
+            self._flm = read_flm(path)
+            self.config = _config_from_kv(self._flm)
+            self.model = Transformer.from_flm(self._flm, self.config, reference=reference)
+        kv = self._flm.kv
+        self.model_type = self.config.model_type
+        self.direct_query = False
+        if TOKENIZER_JSON_KEY in kv:
+            self.tokenizer = Tokenizer(kv[TOKENIZER_JSON_KEY])
+        elif self._flm.vocab:
+            self.tokenizer = tokenizer_from_vocab(self._flm)
+        else:
+            raise FlmFormatError(self._flm.path, "the file carries no tokenizer")
+        self.tokenizer_config: dict[str, Any] = json.loads(kv.get(TOKENIZER_CONFIG_KEY, "{}"))
+        self.chat_template = kv.get(CHAT_TEMPLATE_KEY)
+        stored = template_from_kv(kv)
+        # fastllm's own prompt strings win; then the model's chat_template; then fastllm's default
+        self.template: Template | None = stored or (None if self.chat_template else PRESETS["alpaca"])
+        self.eos_ids = set(self.config.eos_token_ids)
+        eos_text = self.tokenizer_config.get("eos_token")
+        if isinstance(eos_text, str) and self.tokenizer.token_to_id(eos_text) is not None:
+            self.eos_ids.add(self.tokenizer.token_to_id(eos_text))
+
+    # ------------------------------------------------------------ prompts and tokens
+    def get_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+        """The exact prompt string fastllm (or the chat_template) builds for this turn."""
+        history = list(history or [])
+        if self.template is not None:
+            return self.template.prompt(query, history)
+        messages = []
+        for question, answer in history:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": query})
+        special = {k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **special)
+
+    def tokenizer_encode_string(self, content: str) -> list[int]:
+        return self.tokenizer.encode(content)
+
+    def tokenizer_decode_token(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode_prompt(prompt)
+
+    # ------------------------------------------------------------ generation
+    def _sampling(self, max_length: int, do_sample: bool, top_p: float, top_k: int, temperature: float,
+                  repeat_penalty: float, stop_token_ids: list[int] | None, seed: int | None) -> SamplingConfig:
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        return SamplingConfig(max_length, do_sample, top_p, top_k, temperature, repeat_penalty,
+                              list(stop_token_ids or []), seed)
+
+    def generate_ids(self, input_ids: list[int], sampling: SamplingConfig) -> Iterator[int]:
+        return generate(self.model, input_ids, sampling, self.eos_ids)
+
+    def stream_response(self, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
+                        do_sample: bool = True, top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0,
+                        repeat_penalty: float = 1.0, one_by_one: bool = True, stop_token_ids: list[int] | None = None,
+                        seed: int | None = None) -> Iterator[str]:
+        """Text pieces as they are generated (whole characters only)."""
+        prompt = query if self.direct_query else self.get_prompt(query, history)
+        sampling = self._sampling(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, stop_token_ids, seed)
+        decoder = StreamDecoder(self.tokenizer)
+        text = ""
+        for token in self.generate_ids(self.encode_prompt(prompt), sampling):
+            piece = decoder.push(token)
+            if piece:
+                text += piece
+                yield piece if one_by_one else text
+
+    def response(self, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
+                 do_sample: bool = True, top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0,
+                 repeat_penalty: float = 1.0, stop_token_ids: list[int] | None = None, seed: int | None = None) -> str:
+        return "".join(self.stream_response(query, history, max_length, do_sample, top_p, top_k, temperature,
+                                            repeat_penalty, True, stop_token_ids, seed))
+
+    def stream_response_raw(self, input_tokens: list[int], max_length: int = 8192, do_sample: bool = True,
+                            top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0, repeat_penalty: float = 1.0,
+                            one_by_one: bool = True, stop_token_ids: list[int] | None = None) -> Iterator[bytes]:
+        """Bytes of each generated token (fastllm leaves UTF-8 assembly to the caller)."""
+        sampling = self._sampling(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, stop_token_ids, None)
+        total = b""
+        for token in self.generate_ids(list(input_tokens), sampling):
+            piece = self.tokenizer_decode_token(token)
+            total += piece
+            yield piece if one_by_one else total
+
+    def response_logits(self, query: str, history: list[tuple[str, str]] | None = None, tokenizer: Any = None) -> list[float]:
+        """Next-token logits after the prompt (float32, one per vocab entry)."""
+        prompt = query if self.direct_query else self.get_prompt(query, history)
+        ids = tokenizer.encode(prompt) if tokenizer is not None else self.encode_prompt(prompt)
+        cache = self.model.new_cache(1, len(ids) + 1)
+        return self.model.forward(torch.tensor([ids]), cache)[0, -1].tolist()
+
+    def chat(self, tokenizer: Any, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
+             do_sample: bool = True, top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0,
+             repeat_penalty: float = 1.0, **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+        """ChatGLM-style: encode with the caller's tokenizer, return (response, new history)."""
+        response = ""
+        history = list(history or [])
+        for response, new_history in self.stream_chat(tokenizer, query, history, max_length=max_length,
+                                                      do_sample=do_sample, top_p=top_p, top_k=top_k,
+                                                      temperature=temperature, repeat_penalty=repeat_penalty):
+            pass
+        return response, history + [(query, response)]
+
+    def stream_chat(self, tokenizer: Any, query: str, history: list[tuple[str, str]] | None = None,
+                    past_key_values: Any = None, max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8,
+                    top_k: int = 1, temperature: float = 1.0, repeat_penalty: float = 1.0,
+                    return_past_key_values: bool = False, **kwargs: Any) -> Iterator[tuple]:
+        history = list(history or [])
+        prompt = query if self.direct_query else self.get_prompt(query, history)
+        sampling = self._sampling(max_length, do_sample, top_p, top_k, temperature, repeat_penalty, None, None)
+        tokens: list[int] = []
+        for token in self.generate_ids(list(tokenizer.encode(prompt)), sampling):
+            tokens.append(token)
+            response = tokenizer.decode(tokens)
+            new_history = history + [(query, response)]
+            yield (response, new_history, None) if return_past_key_values else (response, new_history)
+
+    # ------------------------------------------------------------ misc
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model back out as a .flm (tensors copied as stored, no requantization)."""
+        rewrite_flm(self._flm, path)
+
+    def eval(self) -> "model":
+        return self
+
+
+def from_hf(model: Any, tokenizer: Any = None, pre_prompt: str | None = None, user_role: str | None = None,
+            bot_role: str | None = None, history_sep: str | None = None, dtype: str = "float16",
+            **kwargs: Any) -> "model":
+    """The cookbook's two-line acceleration: a transformers model -> an flm model in memory.
+
+    The weights are streamed into a temporary .flm that is memory-mapped and unlinked at once,
+    so nothing is left on disk and the same loader serves files and live models.
+    """
+    from .torch2flm import tofile
+
+    fd, path = tempfile.mkstemp(suffix=".flm")
+    os.close(fd)
+    try:
+        tofile(path, model, tokenizer, pre_prompt=pre_prompt, user_role=user_role, bot_role=bot_role,
+               history_sep=history_sep, dtype=dtype, progress=kwargs.pop("progress", False), **kwargs)
+        return globals()["model"](path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+__all__ = ["from_hf", "get_cpu_threads", "model", "set_cpu_threads", "TemplateError"]

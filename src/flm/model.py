@@ -1,0 +1,181 @@
+"""One LLaMA-family Transformer, driven only by ModelConfig flags (no per-family branches).
+
+Weights stay in their file dtype (memory-mapped where possible); activations are float32.
+A KVCache preallocates keys and values for `batch` sequences of up to `max_len` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ContextOverflowError, FlmFormatError
+from .families import canonical_shapes
+from .format.flm import FlmFile
+from .kernels import Linear, make_linear
+from .quant import FLOAT_DTYPES
+from .rope import Rotary, apply_rotary
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+
+
+class KVCache:
+    """Keys/values for `batch` sequences: [layers][batch, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.max_len = max_len  # hard limit (the context window)
+        self.capacity = min(max_len, self.INITIAL)
+        shape = (batch, cfg.num_key_value_heads, self.capacity, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # tokens stored (same for every sequence in this simple cache)
+
+    INITIAL = 512
+
+    def reserve(self, needed: int) -> None:
+        """Grow (doubling, up to max_len) so that `needed` tokens fit."""
+        if needed <= self.capacity:
+            return
+        if needed > self.max_len:
+            raise ContextOverflowError(f"{needed} tokens do not fit in the context window of {self.max_len} tokens")
+        new_capacity = min(self.max_len, max(needed, 2 * self.capacity))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros(old.shape[:2] + (new_capacity,) + old.shape[3:])
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = grown
+        self.capacity = new_capacity
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[Layer], norm: torch.Tensor,
+                 lm_head: Linear, device: str = "cpu"):
+        self.cfg = cfg
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = Rotary(cfg)
+        self.device = device
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_flm(cls, flm: FlmFile, cfg: ModelConfig, reference: bool = False) -> "Transformer":
+        """Build from a parsed file, checking every tensor against the config first."""
+        expected = canonical_shapes(cfg)
+        for name, shape in expected.items():
+            rec = flm.tensors.get(name)
+            if rec is None and name == "lm_head.weight":
+                continue  # tied: the embedding serves
+            if rec is None:
+                raise FlmFormatError(flm.path, f"missing tensor {name} required by the model config")
+            if tuple(rec.dims) != tuple(shape):
+                raise FlmFormatError(flm.path, f"tensor {name} has shape {list(rec.dims)} but the config implies {list(shape)}")
+
+        def weight(name: str):
+            rec = flm.tensors[name]
+            return flm.float_tensor(rec) if rec.dtype in FLOAT_DTYPES else flm.quantized(rec)
+
+        def plain(name: str) -> torch.Tensor:
+            rec = flm.tensors[name]
+            if rec.dtype not in FLOAT_DTYPES:
+                raise FlmFormatError(flm.path, f"tensor {name} must be a float type, is {rec.dtype.name}")
+            return flm.float_tensor(rec).to(torch.float32)
+
+        def linear(prefix: str, shape: tuple[int, int]) -> Linear:
+            bias = plain(prefix + ".bias") if prefix + ".bias" in flm.tensors else None
+            return make_linear(weight(prefix + ".weight"), shape, bias, reference)
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            s = {k: v for k, v in expected.items() if k.startswith(p)}
+            layers.append(Layer(
+                plain(p + "input_layernorm.weight"), plain(p + "post_attention_layernorm.weight"),
+                *(linear(p + name, s[p + name + ".weight"]) for name in (
+                    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+            ))
+        embed_rec = flm.tensors["model.embed_tokens.weight"]
+        embed = weight("model.embed_tokens.weight")
+        if embed_rec.dtype not in FLOAT_DTYPES:
+            embed = make_linear(embed, tuple(embed_rec.dims), reference=True).dense()
+        head_name = "lm_head.weight" if "lm_head.weight" in flm.tensors else "model.embed_tokens.weight"
+        lm_head = make_linear(weight(head_name), (cfg.vocab_size, cfg.hidden_size), None, reference)
+        return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head)
+
+    # ------------------------------------------------------------ forward
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_position_embeddings, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Logits for `tokens` [batch, seq] appended after the cache's contents."""
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        start = cache.length
+        cache.reserve(start + seq)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
+            raise ValueError(f"token id outside 0..{cfg.vocab_size - 1}")
+        x = self.embed[tokens].to(torch.float32)
+        positions = torch.arange(start, start + seq).expand(batch, seq)
+        cos, sin = self.rotary.cos_sin(positions)
+        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        end = start + seq
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            q = layer.q(h).view(batch, seq, heads, dim).transpose(1, 2)
+            k = layer.k(h).view(batch, seq, kv_heads, dim).transpose(1, 2)
+            v = layer.v(h).view(batch, seq, kv_heads, dim).transpose(1, 2)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+            cache.keys[i][:, :, start:end] = k
+            cache.values[i][:, :, start:end] = v
+            keys = cache.keys[i][:, :, :end]
+            values = cache.values[i][:, :, :end]
+            attn = _attention(q, keys, values, start, heads // kv_heads)
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, heads * dim))
+            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+        cache.length = end
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, groups: int) -> torch.Tensor:
+    """Causal attention of new queries (positions start..) over all cached keys."""
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    seq, total = q.shape[2], k.shape[2]
+    if seq == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    mask = torch.ones(seq, total, dtype=torch.bool).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
