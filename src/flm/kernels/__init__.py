@@ -74,29 +74,34 @@ class ReferenceLinear(Linear):
 
 
 class Int8Linear(Linear):
-    """fastllm int8 rows whose zero point is 128 (every fastllm/flm writer) are symmetric int8:
-    W = scale * (q - 128), exactly torch's int8 weight-only matmul."""
+    """fastllm int8: W = scale * (q - zero) with q in 1..255 and zero 127 or 128 per row.
+    Computed as torch's int8 weight-only matmul of (q - 128) plus an exact per-row correction
+    scale * (128 - zero) * sum(x), so it equals the reference formula."""
 
     def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
         scale, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
         self.out_features, self.in_features = shape
-        self.signed = (q.data.reshape(shape).to(torch.int16) - zero.to(torch.int16)[:, None]).to(torch.int8)
+        self.signed = (q.data.reshape(shape).to(torch.int16) - 128).to(torch.int8)
         self.scale = scale.contiguous()
+        shift = scale * (128.0 - zero)
+        self.shift = shift if bool((shift != 0).any()) else None
         self.bias = None if bias is None else bias.to(torch.float32)
 
     @staticmethod
-    def applies(q: Quantized) -> bool:
-        _, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
-        return bool((zero == 128).all()) and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    def applies() -> bool:
+        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.signed, self.scale)
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.signed, self.scale)
+        if self.shift is not None:
+            y = y + flat.sum(dim=-1, keepdim=True) * self.shift
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
-        return self.signed.to(torch.float32) * self.scale[:, None]
+        return self.signed.to(torch.float32) * self.scale[:, None] + (self.shift[:, None] if self.shift is not None else 0)
 
 
 def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,
@@ -104,7 +109,7 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
     """The fastest available Linear for this weight (the reference one when asked)."""
     if isinstance(weight, torch.Tensor):
         return FloatLinear(weight, bias)
-    if not reference and weight.dtype == DType.INT8 and Int8Linear.applies(weight):
+    if not reference and weight.dtype == DType.INT8 and Int8Linear.applies():
         return Int8Linear(weight, shape, bias)
     return ReferenceLinear(weight, shape, bias)
 
