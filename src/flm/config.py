@@ -149,19 +149,18 @@ def as_int_list(value: Any) -> list[int]:
 def rope_from_dict(raw: dict[str, Any]) -> tuple[float | None, RopeScaling]:
     """RoPE settings from every spelling: rope_parameters (5.x), rope_scaling (4.x), flat
     `rope_scaling.type`/`rope_scaling.factor` (the cookbook's overrides, fastllm's kv)."""
-    theta = raw.get("rope_theta")
     spec: dict[str, Any] = {}
     params = raw.get("rope_parameters")
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            theta = params["rope_theta"]
-        spec.update(params)
-    scaling = raw.get("rope_scaling")
-    if isinstance(scaling, dict):
-        spec.update(scaling)
-    for key, value in raw.items():
-        if isinstance(key, str) and key.startswith("rope_scaling.") and value is not None:
-            spec[key.split(".", 1)[1]] = parse_scalar(value)
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    if raw.get("rope_theta") is not None:  # 4.x spelling, or the cookbook's explicit override
+        theta = raw["rope_theta"]
+    flat = {key.split(".", 1)[1]: parse_scalar(value) for key, value in raw.items()
+            if isinstance(key, str) and key.startswith("rope_scaling.") and value is not None}
+    for layer in (params, raw.get("rope_scaling"), flat):  # later spellings override earlier ones
+        if isinstance(layer, dict):
+            spec.update(layer)
+            if "type" in layer and "rope_type" not in layer:
+                spec["rope_type"] = layer["type"]
     kind = spec.get("rope_type") or spec.get("type") or "default"
     if kind == "su":
         kind = "longrope"

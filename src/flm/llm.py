@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -53,11 +52,9 @@ class model:  # noqa: N801 - fastllm's class name
                  reference: bool = False):
         if lora is not None:
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns that the read-only map is not writable
-            self._flm = read_flm(path)
-            self.config = _config_from_kv(self._flm)
-            self.model = Transformer.from_flm(self._flm, self.config, reference=reference)
+        self._flm = read_flm(path)
+        self.config = _config_from_kv(self._flm)
+        self.model = Transformer.from_flm(self._flm, self.config, reference=reference)
         kv = self._flm.kv
         self.model_type = self.config.model_type
         self.direct_query = False

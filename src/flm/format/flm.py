@@ -24,6 +24,7 @@ import mmap
 import os
 import struct
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -88,7 +89,9 @@ class FlmFile:
         """The stored bytes of a tensor as a uint8 tensor backed by the map (no copy)."""
         if rec.data_nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(self._buffer, dtype=torch.uint8, count=rec.data_nbytes, offset=rec.data_offset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the map is read-only; flm never writes through it
+            return torch.frombuffer(self._buffer, dtype=torch.uint8, count=rec.data_nbytes, offset=rec.data_offset)
 
     def float_tensor(self, rec: TensorRecord) -> torch.Tensor:
         """A float tensor in its file dtype; shares the map when the offset is aligned."""
@@ -180,13 +183,20 @@ def read_flm(path: str | os.PathLike) -> FlmFile:
     try:
         return _parse(path, buf, mapped)
     except FlmFormatError:
-        buf.release()
-        mapped.close()
+        _release(buf, mapped)
         raise
     except (struct.error, ValueError, OverflowError, UnsupportedDtypeError) as exc:
+        _release(buf, mapped)
+        raise FlmFormatError(path, f"corrupt file: {exc}") from None
+
+
+def _release(buf: memoryview, mapped: mmap.mmap) -> None:
+    """Unmap after a failed parse; views still held by a traceback keep it until collected."""
+    try:
         buf.release()
         mapped.close()
-        raise FlmFormatError(path, f"corrupt file: {exc}") from None
+    except BufferError:
+        pass
 
 
 def _parse(path: Path, buf: memoryview, mapped: mmap.mmap) -> FlmFile:
