@@ -19,7 +19,7 @@ from .convert import CHAT_TEMPLATE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
 from .errors import FlmFormatError, TemplateError
 from .families import find_family
 from .format.flm import FlmFile, read_flm, rewrite_flm
-from .generate import SamplingConfig, generate
+from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
 from .model import Transformer
 from .templates import PRESETS, Template, render_chat_template, template_from_kv
 from .tokenizer import StreamDecoder, Tokenizer

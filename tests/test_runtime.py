@@ -1,0 +1,251 @@
+"""The runtime against transformers on the same weights: logits, greedy tokens, API semantics."""
+
+import pytest
+import torch
+
+from conftest import save_checkpoint, tiny_llama
+from flm import llm
+from flm.convert import ConvertOptions, convert
+from flm.errors import ContextOverflowError, FlmFormatError, TemplateError
+from flm.generate import SamplingConfig, apply_repeat_penalty, sample_next
+
+PROMPT_IDS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492, 526]
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_flm(tmp_path_factory, tiny_dir):
+    path = tmp_path_factory.mktemp("rt") / "tiny-f32.flm"
+    convert(tiny_dir, path, ConvertOptions(dtype="float32", template="base", progress=False))
+    return path
+
+
+def _flm_logits(m, ids):
+    cache = m.model.new_cache(1, len(ids))
+    return m.model.forward(torch.tensor([ids]), cache, last_only=False)[0]
+
+
+def test_float32_logits_match_transformers(tiny_flm, tiny_model):
+    m = llm.model(tiny_flm)
+    ours, theirs = _flm_logits(m, PROMPT_IDS), _hf_logits(tiny_model, PROMPT_IDS)
+    span = float(theirs.max() - theirs.min())
+    assert float((ours - theirs).abs().max()) <= 1e-4 * span
+
+
+def test_greedy_matches_transformers(tiny_flm, tiny_model):
+    m = llm.model(tiny_flm)
+    ours = list(m.generate_ids(PROMPT_IDS, SamplingConfig(max_length=24, top_k=1)))
+    assert ours == _hf_greedy(tiny_model, PROMPT_IDS, 24)[: len(ours)]
+    assert len(ours) > 0
+
+
+def test_incremental_decode_equals_full_forward(tiny_flm):
+    m = llm.model(tiny_flm)
+    full = _flm_logits(m, PROMPT_IDS)
+    cache = m.model.new_cache(1, 64)
+    m.model.forward(torch.tensor([PROMPT_IDS[:5]]), cache)
+    chunk = m.model.forward(torch.tensor([PROMPT_IDS[5:9]]), cache, last_only=False)[0]
+    step = m.model.forward(torch.tensor([PROMPT_IDS[9:10]]), cache)[0, -1]
+    assert torch.allclose(chunk, full[5:9], atol=1e-5)
+    assert torch.allclose(step, full[9], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("linear", {"factor": 2.0}), ("dynamic", {"factor": 2.0}),
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 64}),
+])
+def test_rope_scaling_matches_transformers(tmp_path, kind, extra):
+    """Including positions past max_position_embeddings, where dynamic NTK changes the base."""
+    rope = {"rope_type": kind, "rope_theta": 10000.0, **extra}
+    model = tiny_llama(seed=5, max_position_embeddings=16, rope_parameters=rope)
+    src = save_checkpoint(model, tmp_path / kind)
+    convert(src, tmp_path / "r.flm", ConvertOptions(dtype="float32", progress=False))
+    m = llm.model(tmp_path / "r.flm")
+    ids = (PROMPT_IDS * 3)[:40]
+    m.model.cfg.max_position_embeddings = 16  # the window check would refuse 40 tokens otherwise
+    cache = m.model.new_cache(1, 64)
+    ours = m.model.forward(torch.tensor([ids]), cache, last_only=False)[0]
+    theirs = _hf_logits(model, ids)
+    span = float(theirs.max() - theirs.min())
+    assert float((ours - theirs).abs().max()) <= 1e-4 * span
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_other_dtypes_track_float32(tmp_path, tiny_dir, tiny_flm, dtype):
+    convert(tiny_dir, tmp_path / "q.flm", ConvertOptions(dtype=dtype, group_size=32, template="base", progress=False))
+    ref = _flm_logits(llm.model(tiny_flm), PROMPT_IDS)
+    ours = _flm_logits(llm.model(tmp_path / "q.flm"), PROMPT_IDS)
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
+    assert agree >= {"float16": 0.99, "bfloat16": 0.85}.get(dtype, 0.85), agree  # 16 positions, random weights
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4g"])
+def test_quantized_model_equals_transformers_on_dequantized_weights(tmp_path, tiny_dir, tiny_model, dtype):
+    """The runtime computes exactly with the weights the file stores (fastllm's formula)."""
+    import copy
+
+    from flm.format.flm import read_flm
+    from flm.quant import dequantize
+
+    convert(tiny_dir, tmp_path / "q.flm", ConvertOptions(dtype=dtype, group_size=32, progress=False))
+    flm = read_flm(tmp_path / "q.flm")
+    reference = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            rec = flm.tensors[name]
+            if rec.quantized:
+                param.copy_(dequantize(flm.quantized(rec), rec.dims))
+    ours = _flm_logits(llm.model(tmp_path / "q.flm"), PROMPT_IDS)
+    theirs = _hf_logits(reference, PROMPT_IDS)
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.max() - theirs.min())
+
+
+def test_int8_kernel_equals_reference(tmp_path, tiny_dir):
+    convert(tiny_dir, tmp_path / "q.flm", ConvertOptions(dtype="int8", progress=False))
+    fast = _flm_logits(llm.model(tmp_path / "q.flm"), PROMPT_IDS)
+    ref = _flm_logits(llm.model(tmp_path / "q.flm", reference=True), PROMPT_IDS)
+    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_building_fastllm_style(tmp_path, tiny_dir):
+    convert(tiny_dir, tmp_path / "c.flm", ConvertOptions(dtype="float32", template="llama2-chat", progress=False))
+    m = llm.model(tmp_path / "c.flm")
+    prompt = m.get_prompt("How are you?", [("Hi", "Hello!")])
+    assert prompt == "<FLM_FIX_TOKEN_1>[INST] Hi [/INST]Hello! <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>[INST] How are you? [/INST]"
+    ids = m.encode_prompt(prompt)
+    assert ids[0] == 1 and ids.count(1) == 2 and 2 in ids
+    assert m.tokenizer_encode_string("Hello") == m.tokenizer.encode("Hello") and 1 not in m.tokenizer_encode_string("Hello")
+
+
+def test_response_api_and_streaming(tiny_flm):
+    m = llm.model(tiny_flm)
+    pieces = list(m.stream_response("Hello", max_length=8))
+    assert "".join(pieces) == m.response("Hello", max_length=8)
+    cumulative = list(m.stream_response("Hello", max_length=8, one_by_one=False))
+    assert cumulative[-1] == "".join(pieces)
+    raw = b"".join(m.stream_response_raw(m.encode_prompt("Hello"), max_length=8))
+    assert raw.decode("utf-8", errors="replace").strip() == "".join(pieces).strip()
+    logits = m.response_logits("Hello")
+    assert len(logits) == 32000
+
+
+def test_stop_tokens_and_max_length(tiny_flm):
+    m = llm.model(tiny_flm)
+    ids = m.encode_prompt("Hello")
+    first = list(m.generate_ids(ids, SamplingConfig(max_length=6)))
+    assert len(first) == 6
+    stopped = list(m.generate_ids(ids, SamplingConfig(max_length=6, stop_token_ids=[first[2]])))
+    assert stopped == first[: first.index(first[2])]
+
+
+def test_sampling_is_seeded_and_bounded():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    cfg = SamplingConfig(do_sample=True, top_k=2, top_p=1.0, temperature=0.7, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    draws = {sample_next(logits, torch.tensor([], dtype=torch.long), cfg, gen) for _ in range(50)}
+    assert draws <= {1, 2} and len(draws) == 2
+    assert sample_next(logits, torch.tensor([], dtype=torch.long), SamplingConfig(top_k=1), None) == 1
+    assert sample_next(logits, torch.tensor([], dtype=torch.long), SamplingConfig(do_sample=False, top_k=50), None) == 1
+    tight = SamplingConfig(do_sample=True, top_k=4, top_p=0.5)
+    assert {sample_next(logits, torch.tensor([], dtype=torch.long), tight, gen) for _ in range(30)} == {1}
+
+
+def test_repeat_penalty_is_transformers_definition():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repeat_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_context_overflow_is_clear(tiny_flm):
+    m = llm.model(tiny_flm)
+    with pytest.raises(ContextOverflowError, match="context window is 256"):
+        list(m.generate_ids([5] * 300, SamplingConfig(max_length=4)))
+
+
+def test_fix_token_errors(tiny_flm):
+    m = llm.model(tiny_flm)
+    with pytest.raises(TemplateError, match="outside the vocabulary"):
+        m.encode_prompt("<FLM_FIX_TOKEN_99999>")
+    with pytest.raises(TemplateError, match="unclosed"):
+        m.encode_prompt("hi <FLM_FIX_TOKEN_12")
+
+
+def test_interrupted_stream_leaves_model_usable(tiny_flm):
+    m = llm.model(tiny_flm)
+    expected = m.response("Hello", max_length=6)
+    stream = m.stream_response("Hello", max_length=50)
+    next(stream)
+    stream.close()  # what Ctrl-C does to a generator
+    assert m.response("Hello", max_length=6) == expected
+
+
+def test_save_round_trip(tmp_path, tiny_flm):
+    m = llm.model(tiny_flm)
+    m.save(tmp_path / "again.flm")
+    assert (tmp_path / "again.flm").read_bytes() == tiny_flm.read_bytes()
+
+
+def test_tensor_shape_mismatch_is_typed(tmp_path, tiny_flm):
+    from flm.format.flm import read_flm
+
+    flm = read_flm(tiny_flm)
+    kv = dict(flm.kv)
+    kv["flm.config"] = kv["flm.config"].replace('"intermediate_size": 128', '"intermediate_size": 96')
+    from flm.format.flm import FlmWriter
+
+    with FlmWriter(tmp_path / "bad.flm") as writer:
+        writer.write_header(kv, flm.vocab, flm.special_tokens)
+        writer.begin_tensors(len(flm.tensors))
+        for rec in flm.tensors.values():
+            writer.copy_tensor(flm, rec)
+    with pytest.raises(FlmFormatError, match="mlp.gate_proj.weight has shape"):
+        llm.model(tmp_path / "bad.flm")
+
+
+def test_cpu_threads():
+    before = llm.get_cpu_threads()
+    llm.set_cpu_threads(1)
+    assert llm.get_cpu_threads() == 1
+    llm.set_cpu_threads(before)
+
+
+def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model):
+    """A file laid out as fastllm's torch2flm writes it: HF names, float32 norms/embeddings,
+    fastllm vocab+scores and no flm.* keys."""
+    import numpy as np
+
+    from fastllm_layout import flm_file, tensor_record
+    from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+    from conftest import LLAMA2_TOKENIZER
+
+    vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json((LLAMA2_TOKENIZER / "tokenizer.json").read_text()))
+    cfg = tiny_model.config
+    kv = {"model_type": "llama", "hidden_size": "64", "intermediate_size": "128", "num_hidden_layers": "2",
+          "num_attention_heads": "4", "num_key_value_heads": "2", "vocab_size": "32000", "rms_norm_eps": "1e-05",
+          "max_position_embeddings": "256", "rope_theta": "10000.0", "bos_token_id": "1", "eos_token_id": "2",
+          "tokenizer_use_score": "1", "tokenizer_add_dummy_prefix": "True", "pre_prompt": "", "user_role": "",
+          "bot_role": "", "history_sep": ""}
+    tensors = []
+    for name, t in tiny_model.state_dict().items():
+        linear = name.endswith("_proj.weight") or name == "lm_head.weight"
+        tensors.append(tensor_record(name, t.numpy().astype(np.float32), "float16" if linear else "float32"))
+    (tmp_path / "fastllm.flm").write_bytes(flm_file(kv, [(e.piece, e.token_id, e.score) for e in vocab.entries], tensors))
+    m = llm.model(tmp_path / "fastllm.flm")
+    assert m.tokenizer.encode("Hello world, how are you?") == [15043, 3186, 29892, 920, 526, 366, 29973]
+    ours = _flm_logits(m, PROMPT_IDS)
+    theirs = _hf_logits(tiny_model, PROMPT_IDS)
+    assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.99
+    assert float((ours - theirs).abs().max()) <= 1e-2 * float(theirs.max() - theirs.min())  # fp16 weights
+    assert cfg.vocab_size == 32000
