@@ -63,6 +63,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from . import llm
+
+    model = llm.model(args.file)
+    ids = model.encode_prompt(args.text) if args.fix_tokens else model.tokenizer_encode_string(args.text)
+    print(f"{len(ids)} tokens")
+    for token_id in ids:
+        print(f"{token_id:>8}  {model.tokenizer.id_to_token(token_id)!r}  {model.tokenizer_decode_token(token_id)!r}")
+    return 0
+
+
+def _prompt(args: argparse.Namespace) -> int:
+    from . import llm
+
+    model = llm.model(args.file)
+    if args.template:
+        from .templates import preset
+
+        model.template = preset(args.template)
+    history = [tuple(pair) for pair in args.history or []]
+    prompt = model.get_prompt(args.query, history, args.system)
+    ids = model.encode_prompt(prompt)
+    source = f"preset {args.template}" if args.template else (
+        "the file's prompt strings" if model.template is not None else "the model's chat_template")
+    print(f"template: {source}")
+    print(f"prompt ({len(prompt)} chars):\n{prompt!r}")
+    print(f"ids ({len(ids)}): {ids}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flm",
@@ -101,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--question", default="What is the capital of France?")
     demo.add_argument("--max-length", type=int, default=64, help="new tokens at most")
     demo.set_defaults(func=_demo)
+
+    tok = sub.add_parser("tokenize", help="show the token ids and pieces of a text",
+                         description="Encode TEXT with the file's tokenizer (no BOS, as fastllm's "
+                                     "tokenizer_encode_string) and list id, piece and bytes of each token.")
+    tok.add_argument("file")
+    tok.add_argument("text")
+    tok.add_argument("--fix-tokens", action="store_true", help="turn <FLM_FIX_TOKEN_N> into id N, as prompts do")
+    tok.set_defaults(func=_tokenize)
+
+    prm = sub.add_parser("prompt", help="show the exact prompt and ids a conversation produces",
+                         description="Build the prompt for QUERY after the given history, the way chat and "
+                                     "response do, and print it with its token ids.")
+    prm.add_argument("file")
+    prm.add_argument("query")
+    prm.add_argument("--history", nargs=2, action="append", metavar=("QUESTION", "ANSWER"),
+                     help="a finished round (repeat for more)")
+    prm.add_argument("--system", help="a system message")
+    prm.add_argument("--template", help="use this preset instead of the file's (see `flm templates`)")
+    prm.set_defaults(func=_prompt)
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)

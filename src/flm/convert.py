@@ -23,7 +23,7 @@ from .families import EMBEDDING, LINEAR, find_family
 from .format.flm import FlmWriter
 from .format.hf import HFCheckpoint, TensorSource
 from .quant import DType, choose_group_size, parse_dtype
-from .templates import PRESETS, Template, preset
+from .templates import PRESETS, Template, guess_preset, preset
 from .tokenizer import FastllmVocab, fastllm_vocab_from_sentencepiece, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
 
 log = logging.getLogger("flm")
@@ -33,6 +33,7 @@ CHAT_TEMPLATE_KEY = "flm.chat_template"
 TOKENIZER_CONFIG_KEY = "flm.tokenizer_config"
 FORMAT_KEY = "flm.format"
 TEMPLATE_NAME_KEY = "flm.template"
+TEMPLATE_SOURCE_KEY = "flm.template_source"
 
 
 @dataclass
@@ -85,24 +86,27 @@ class TokenizerFiles:
         return None
 
 
-def choose_template(raw: dict[str, Any], options: ConvertOptions, default: str | None) -> tuple[str | None, Template | None]:
+def choose_template(raw: dict[str, Any], options: ConvertOptions, family_default: str | None,
+                    model_names: tuple[str, ...] = ()) -> tuple[str | None, Template | None, str]:
     """Prompt strings by priority: explicit options, config.json's 方案二 keys, a preset name,
-    the family's default preset. (None, None) leaves the model's chat_template in charge."""
+    the family's default preset, a preset guessed from the model's name. Returns (name, template,
+    source); (None, None, "") leaves the model's chat_template (or fastllm's default) in charge."""
     explicit = {k: getattr(options, k) for k in TEMPLATE_KEYS}
     from_config = {k: raw[k] for k in TEMPLATE_KEYS if isinstance(raw.get(k), str)}
     if options.template:
-        base = preset(options.template)
-        name = options.template
+        base, name, source = preset(options.template), options.template, "explicit"
     elif any(v is not None for v in explicit.values()) or from_config:
-        base, name = Template("", "", "", ""), "custom"
-    elif default:
-        return default, preset(default)
+        base, name, source = Template("", "", "", ""), "custom", "explicit"
+    elif family_default:
+        return family_default, preset(family_default), "family"
     else:
-        return None, None
+        guessed = guess_preset(*model_names)
+        return (guessed, preset(guessed), "guess") if guessed else (None, None, "")
     values = {k: getattr(base, k) for k in TEMPLATE_KEYS}
     values.update(from_config)
     values.update({k: v for k, v in explicit.items() if v is not None})
-    return name, Template(**values)
+    return name, Template(**values, system_format=base.system_format,
+                          system_in_first_user=base.system_in_first_user), source
 
 
 def _raw_config_kv(raw: dict[str, Any]) -> dict[str, str]:
@@ -119,7 +123,8 @@ def _raw_config_kv(raw: dict[str, Any]) -> dict[str, str]:
 
 
 def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[str, Any],
-                generation_config: dict[str, Any], tokenizer: TokenizerFiles, options: ConvertOptions) -> ModelConfig:
+                generation_config: dict[str, Any], tokenizer: TokenizerFiles, options: ConvertOptions,
+                model_names: tuple[str, ...] = ()) -> ModelConfig:
     """Convert one model to `out`; returns the normalized config it wrote."""
     raw = dict(raw_config)
     if options.model_type:
@@ -128,9 +133,10 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     group_size = group_from_name or options.group_size
     family = find_family(raw)
     cfg = family.config(raw, generation_config)
-    template_name, template = choose_template(raw, options, family.default_template)
+    names = tuple(model_names) + (str(raw.get("_name_or_path") or ""),)
+    template_name, template, template_source = choose_template(raw, options, family.default_template, names)
     if template_name:
-        log.info("prompt template: %s", template_name)
+        log.info("prompt template: %s (%s)", template_name, template_source)
     elif tokenizer.chat_template:
         log.info("prompt template: the model's own chat_template")
     vocab = tokenizer.fastllm_vocab()
@@ -148,6 +154,7 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     if template is not None:
         kv.update({k: getattr(template, k) for k in TEMPLATE_KEYS})
         kv[TEMPLATE_NAME_KEY] = template_name
+        kv[TEMPLATE_SOURCE_KEY] = template_source
     kv[NORMALIZED_KEY] = cfg.to_json()
     kv[FORMAT_KEY] = f"written by flm {__version__}; fastllm .flm version 2 layout; flm.* keys are extras fastllm ignores"
     if tokenizer.tokenizer_json is not None:
@@ -194,4 +201,5 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: Conve
     tokenizer = TokenizerFiles.from_dir(ckpt.dir)
     if tokenizer.tokenizer_json is None and tokenizer.sentencepiece_model is None:
         log.warning("%s has no tokenizer.json or tokenizer.model: the .flm will have no tokenizer", ckpt.dir)
-    return write_model(out, ckpt, ckpt.config, ckpt.generation_config, tokenizer, options)
+    return write_model(out, ckpt, ckpt.config, ckpt.generation_config, tokenizer, options,
+                       model_names=(ckpt.dir.resolve().name,))

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import NORMALIZED_KEY, ModelConfig
-from .convert import CHAT_TEMPLATE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
+from .config import NORMALIZED_KEY, ModelConfig, parse_scalar
+from .convert import CHAT_TEMPLATE_KEY, TEMPLATE_SOURCE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
 from .errors import FlmFormatError, TemplateError
 from .families import find_family
 from .format.flm import FlmFile, read_flm, rewrite_flm
@@ -59,15 +59,17 @@ class model:  # noqa: N801 - fastllm's class name
         self.model_type = self.config.model_type
         self.direct_query = False
         if TOKENIZER_JSON_KEY in kv:
-            self.tokenizer = Tokenizer(kv[TOKENIZER_JSON_KEY])
+            self.tokenizer = Tokenizer(kv[TOKENIZER_JSON_KEY], nfkc=bool(parse_scalar(kv.get("tokenizer_nfkc", "False"))))
         elif self._flm.vocab:
-            self.tokenizer = tokenizer_from_vocab(self._flm)
+            self.tokenizer = tokenizer_from_vocab(self._flm.vocab, self._flm.special_tokens, kv)
         else:
             raise FlmFormatError(self._flm.path, "the file carries no tokenizer")
         self.tokenizer_config: dict[str, Any] = json.loads(kv.get(TOKENIZER_CONFIG_KEY, "{}"))
         self.chat_template = kv.get(CHAT_TEMPLATE_KEY)
         stored = template_from_kv(kv)
-        # fastllm's own prompt strings win; then the model's chat_template; then fastllm's default
+        if stored is not None and kv.get(TEMPLATE_SOURCE_KEY) in ("guess", "family") and self.chat_template:
+            stored = None  # a guessed preset yields to the model's own chat_template
+        # chosen prompt strings win; then the model's chat_template; then fastllm's default (alpaca)
         self.template: Template | None = stored or (None if self.chat_template else PRESETS["alpaca"])
         self.eos_ids = set(self.config.eos_token_ids)
         eos_text = self.tokenizer_config.get("eos_token")
@@ -75,12 +77,12 @@ class model:  # noqa: N801 - fastllm's class name
             self.eos_ids.add(self.tokenizer.token_to_id(eos_text))
 
     # ------------------------------------------------------------ prompts and tokens
-    def get_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+    def get_prompt(self, query: str, history: list[tuple[str, str]] | None = None, system: str | None = None) -> str:
         """The exact prompt string fastllm (or the chat_template) builds for this turn."""
         history = list(history or [])
         if self.template is not None:
-            return self.template.prompt(query, history)
-        messages = []
+            return self.template.prompt(query, history, system)
+        messages = [{"role": "system", "content": system}] if system else []
         for question, answer in history:
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": query})

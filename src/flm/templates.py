@@ -27,13 +27,25 @@ class Template:
     user_role: str
     bot_role: str
     history_sep: str
+    # Beyond fastllm: where a system message goes. "{system}" is replaced by its text; Llama-2
+    # style models put it inside the first [INST] (system_in_first_user), others before round 0.
+    system_format: str = "{system}\n"
+    system_in_first_user: bool = False
 
-    def prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
-        """fastllm's MakeInput over MakeHistory for every finished round."""
+    def prompt(self, query: str, history: list[tuple[str, str]] | None = None, system: str | None = None) -> str:
+        """fastllm's MakeInput over MakeHistory for every finished round (plus a system message)."""
         text = self.pre_prompt
+        intro = self.system_format.replace("{system}", system) if system else ""
+        if not self.system_in_first_user:
+            text, intro = text + intro, ""
         for question, answer in history or []:
-            text += self.user_role + question + self.bot_role + answer + self.history_sep
-        return text + self.user_role + query + self.bot_role
+            text += self.user_role + intro + question + self.bot_role + answer + self.history_sep
+            intro = ""
+        return text + self.user_role + intro + query + self.bot_role
+
+
+_LLAMA2_SYS = dict(system_format="<<SYS>>\n{system}\n<</SYS>>\n\n", system_in_first_user=True)
+_CHATML_SYS = dict(system_format="<|im_start|>system\n{system}<|im_end|>\n")
 
 
 # The cookbook's exact strings ("LLaMA 类模型转换参考"), plus fastllm's LLaMA default (alpaca).
@@ -50,11 +62,12 @@ PRESETS: dict[str, Template] = {
         "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
         "USER: ", " ASSISTANT:", "<s>"),
     "billa": Template("\n", "Human: ", "\nAssistant: ", "\n"),
-    "llama2-chat": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "llama2-chat": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>", **_LLAMA2_SYS),
     "llama2-chat-system": Template(
         "<FLM_FIX_TOKEN_1>[INST] <<SYS>>\n" + _LLAMA2_SYSTEM + "\n<</SYS>>\n\n",
         " ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
-    "codellama-instruct": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
+    "codellama-instruct": Template("<FLM_FIX_TOKEN_1>", "[INST] ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>",
+                                   **_LLAMA2_SYS),
     "chinese-alpaca-2": Template(
         "<FLM_FIX_TOKEN_1>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n",
         " ", " [/INST]", " <FLM_FIX_TOKEN_2><FLM_FIX_TOKEN_1>"),
@@ -62,7 +75,7 @@ PRESETS: dict[str, Template] = {
         "The following is a conversation between a human and an AI assistant namely YuLan, developed by GSAI, "
         "Renmin University of China. The AI assistant gives helpful, detailed, and polite answers to the user's questions.\n",
         "[|Human|]:", "\n[|AI|]:", "\n"),
-    "yi": Template("", "<|im_start|>user\n", "<|im_end|><|im_start|>assistant\n", "<|im_end|>\n"),
+    "yi": Template("", "<|im_start|>user\n", "<|im_end|><|im_start|>assistant\n", "<|im_end|>\n", **_CHATML_SYS),
     "wizardcoder": Template(
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
         "### Instruction:\n", "\n\n### Response:", "\n"),
@@ -76,6 +89,26 @@ PRESETS["sus-chat"] = PRESETS["yi"]
 PRESETS["internlm2"] = PRESETS["internlm"]
 
 
+# (substrings that must all appear in the lower-cased model name or path, preset)
+_GUESSES = [
+    (("internlm2",), "internlm2"), (("internlm",), "internlm"), (("xverse",), "xverse"), (("vicuna",), "vicuna"),
+    (("billa",), "billa"), (("chinese-alpaca-2",), "chinese-alpaca-2"), (("codellama", "instruct"), "codellama-instruct"),
+    (("llama-2", "chat"), "llama2-chat"), (("llama2", "chat"), "llama2-chat"), (("yulan",), "yulan"),
+    (("sus-chat",), "sus-chat"), (("yi-", "chat"), "yi"), (("wizardcoder",), "wizardcoder"),
+    (("deepseek-coder", "instruct"), "deepseek-coder"),
+]
+
+
+def guess_preset(*names: str) -> str | None:
+    """A cookbook preset for a model, from its folder name or `_name_or_path`."""
+    for name in names:
+        lowered = (name or "").lower()
+        for needles, preset_name in _GUESSES:
+            if all(n in lowered for n in needles):
+                return preset_name
+    return None
+
+
 def preset(name: str) -> Template:
     if name not in PRESETS:
         raise TemplateError(f"unknown template {name!r}; `flm templates` lists: {', '.join(sorted(PRESETS))}")
@@ -83,11 +116,14 @@ def preset(name: str) -> Template:
 
 
 def template_from_kv(kv: dict[str, str]) -> Template | None:
-    """The four fastllm strings from a .flm key/value table, if the file sets any of them."""
+    """The four fastllm strings from a .flm key/value table, if the file sets any of them
+    (with the system-message placement of the preset it names, if any)."""
     keys = ("pre_prompt", "user_role", "bot_role", "history_sep")
     if not any(k in kv for k in keys):
         return None
-    return Template(*(kv.get(k, "") for k in keys))
+    base = PRESETS.get(kv.get("flm.template", ""), PRESETS["base"])
+    return Template(*(kv.get(k, "") for k in keys), system_format=base.system_format,
+                    system_in_first_user=base.system_in_first_user)
 
 
 def render_chat_template(source: str, messages: list[dict[str, str]], add_generation_prompt: bool = True,

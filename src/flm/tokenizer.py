@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -18,6 +19,7 @@ from .format.flm import VocabEntry
 FIX_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(-?\d+)>")
 FIX_TOKEN_START = "<FLM_FIX_TOKEN_"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def gpt2_byte_chars() -> dict[int, str]:
@@ -117,7 +119,7 @@ def fastllm_vocab_from_sentencepiece(model_file: str) -> FastllmVocab:
 class Tokenizer:
     """Encode/decode with Hugging Face `tokenizers` semantics plus `<FLM_FIX_TOKEN_N>`."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int | None = None):
+    def __init__(self, tokenizer_json: str, vocab_size: int | None = None, nfkc: bool = False):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -126,17 +128,23 @@ class Tokenizer:
             raise TemplateError(f"stored tokenizer.json cannot be loaded: {exc}") from None
         self.vocab_size = vocab_size or self._tok.get_vocab_size(with_added_tokens=True)
         self.byte_level = _is_byte_level(json.loads(tokenizer_json))
+        self.nfkc = nfkc  # XVERSE-13B-Chat V1 wants NFKC input; fastllm cannot do it
 
-    @classmethod
-    def from_file(cls, path: str, vocab_size: int | None = None) -> "Tokenizer":
-        with open(path, encoding="utf-8") as fo:
-            return cls(fo.read(), vocab_size)
+    def _clean(self, text: str) -> str:
+        if self.nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        if _SURROGATE.search(text):
+            text = _SURROGATE.sub("\ufffd", text)  # lone surrogates cannot be UTF-8: as HF's slow path would
+        return text
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` with no BOS/EOS added (fastllm's tokenizer_encode_string)."""
         if not text:
             return []
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(self._clean(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch([self._clean(t) for t in texts], add_special_tokens=False)]
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Like encode, but `<FLM_FIX_TOKEN_N>` becomes id N, as in fastllm templates."""

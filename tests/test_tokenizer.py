@@ -1,0 +1,120 @@
+"""Tokenizer alignment with Hugging Face `tokenizers`, on > 2 MB of real multilingual text."""
+
+import json
+import time
+
+import pytest
+
+from corpus import corpus_documents, corpus_lines
+from flm.errors import TemplateError
+from flm.format.flm import VocabEntry
+from flm.tokenizer import StreamDecoder, Tokenizer, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+from flm.vocab_tokenizer import tokenizer_from_vocab
+from tokenizer_fixtures import ALL, tokenizer_dir
+
+
+def test_corpus_is_big_and_varied():
+    docs = corpus_documents()
+    text = "".join(docs)
+    assert sum(len(d.encode()) for d in docs) >= 2_000_000
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # Chinese
+    assert any(ord(ch) >= 0x1F300 for ch in text)  # emoji
+    assert "def " in text and "    " in text and "\t" in text  # code, whitespace runs
+
+
+def _hf(name):
+    from tokenizers import Tokenizer as HF
+
+    return HF.from_file(str(tokenizer_dir(name) / "tokenizer.json"))
+
+
+def _mismatches(ours, reference, lines):
+    theirs = [e.ids for e in reference.encode_batch(lines, add_special_tokens=False)]
+    mine = ours.encode_batch(lines)
+    return [(line, a, b) for line, a, b in zip(lines, theirs, mine) if a != b]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ids_equal_tokenizers_from_tokenizer_json(name):
+    path = tokenizer_dir(name) / "tokenizer.json"
+    ours = Tokenizer(path.read_text(encoding="utf-8"))
+    bad = _mismatches(ours, _hf(name), corpus_lines() + list(corpus_documents()[:20]))
+    assert not bad, bad[:3]
+
+
+@pytest.mark.parametrize("name", ["llama2", "smollm2"])
+def test_ids_equal_tokenizers_from_fastllm_vocab_alone(name):
+    """The rebuild for .flm files that carry only fastllm's vocab+scores table."""
+    data = load_tokenizer_json((tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = fastllm_vocab_from_tokenizer_json(data)
+    ours = tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv)
+    bad = _mismatches(ours, _hf(name), corpus_lines() + list(corpus_documents()[:20]))
+    assert not bad, bad[:3]
+
+
+def test_special_tokens_in_text_and_fix_tokens():
+    ours = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    assert ours.encode("<s>hi</s>") == [1, 7251, 2]
+    assert ours.encode_prompt("<FLM_FIX_TOKEN_1>hi<FLM_FIX_TOKEN_2>") == [1, 7251, 2]
+
+
+def test_hostile_text_encodes():
+    ours = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    for text in ("\x00\x01\x7f control", "lone \ud800 surrogate", "🙂👍🏽👨‍👩‍👧", "中文混合 English ١٢٣ עברית", "\t\t  \n\n   "):
+        assert isinstance(ours.encode(text), list)
+
+
+def test_encoding_time_is_linear():
+    ours = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    unit = "The quick brown fox 跳过 lazy dogs 🙂. " * 10
+    timings = []
+    for repeat in (250, 1000):
+        text = unit * repeat  # about 100k characters at the larger size
+        start = time.perf_counter()
+        ours.encode(text)
+        timings.append(time.perf_counter() - start)
+    assert len(unit * 1000) >= 100_000
+    assert timings[1] < timings[0] * 4 * 3 + 0.05  # 4x the text: well under quadratic growth
+
+
+def test_stream_decoder_never_splits_characters():
+    ours = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    text = "你好, 世界 🙂 ok"
+    ids = ours.encode(text)
+    decoder = StreamDecoder(ours)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == ours.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_token_bytes():
+    ours = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    assert ours.token_bytes(ours.token_to_id("<0xE4>")) == b"\xe4"
+    assert ours.token_bytes(ours.token_to_id("\u2581the")) == b" the"
+    smol = Tokenizer((tokenizer_dir("smollm2") / "tokenizer.json").read_text())
+    assert smol.token_bytes(smol.token_to_id("\u0120world")) == b" world"
+
+
+def test_nfkc_option():
+    plain = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
+    nfkc = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text(), nfkc=True)
+    assert nfkc.encode("ｆｕｌｌｗｉｄｔｈ") == plain.encode("fullwidth") != plain.encode("ｆｕｌｌｗｉｄｔｈ")
+
+
+def test_remove_extra_whitespaces_option():
+    vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json((tokenizer_dir("llama2") / "tokenizer.json").read_text()))
+    collapsing = tokenizer_from_vocab(vocab.entries, vocab.special_tokens, {**vocab.kv, "tokenizer_remove_extra_whitespaces": "True"})
+    plain = tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv)
+    assert collapsing.encode("  a    b  ") == plain.encode("a b")
+
+
+def test_invalid_utf8_vocab_is_a_clear_error():
+    with pytest.raises(TemplateError, match="token 1 is not valid UTF-8"):
+        tokenizer_from_vocab([VocabEntry(b"a", 0, 0.0), VocabEntry(b"\xff\xfe", 1, 0.0)], [], {})
+
+
+def test_bad_tokenizer_json():
+    with pytest.raises(TemplateError, match="not valid JSON"):
+        load_tokenizer_json("{nope")
+    with pytest.raises(TemplateError, match="cannot be loaded"):
+        Tokenizer(json.dumps({"model": {"type": "Nope"}}))
