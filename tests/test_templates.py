@@ -25,7 +25,11 @@ EXPECTED = {
     "base": "HiHello!What is 1+1?",
     "base-bos": "<FLM_FIX_TOKEN_1>HiHello!What is 1+1?",
     "internlm": "<s><s><|User|>:Hi<eoh>\n<|Bot|>:Hello!<eoa>\n<s><|User|>:What is 1+1?<eoh>\n<|Bot|>:",
-    "internlm2": "<s><s><|User|>:Hi<eoh>\n<|Bot|>:Hello!<eoa>\n<s><|User|>:What is 1+1?<eoh>\n<|Bot|>:",
+    "internlm2": "<s><|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).\n<|im_end|>"
+                 "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n"
+                 "What is 1+1?<|im_end|><|im_start|>assistant\n",
+    "qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>"
+             "assistant\nHello!<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|><|im_start|>assistant\n",
     "xverse": "Human: Hi\n\nAssistant: Hello!<FLM_FIX_TOKEN_3>Human: What is 1+1?\n\nAssistant: ",
     "vicuna": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
               "detailed, and polite answers to the user's questions. USER: Hi ASSISTANT:Hello!<s>USER: What is 1+1? ASSISTANT:",

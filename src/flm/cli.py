@@ -21,7 +21,7 @@ def _convert(args: argparse.Namespace) -> int:
                              template=args.template, pre_prompt=args.pre_prompt, user_role=args.user_role,
                              bot_role=args.bot_role, history_sep=args.history_sep, progress=not args.quiet)
     start = time.perf_counter()
-    cfg = convert(args.model_dir, args.output, options)
+    cfg = convert(args.model_dir, args.output, options, delta_base=args.delta_base)
     print(f"wrote {args.output}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"dtype {args.dtype}, in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
@@ -93,6 +93,14 @@ def _prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.model_dir, args.file, new_tokens=args.tokens)
+    print(report.table())
+    return 0 if not report.verdict.startswith("MISMATCH") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flm",
@@ -116,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--user-role", help="text before each user message")
     conv.add_argument("--bot-role", help="text after each user message, before the answer")
     conv.add_argument("--history-sep", help="text after each finished answer")
+    conv.add_argument("--delta-base", metavar="ORIGINAL_DIR",
+                      help="MODEL_DIR is a published delta (e.g. YuLan-Chat-1): add it to these base weights")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=_convert)
 
@@ -150,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     prm.add_argument("--system", help="a system message")
     prm.add_argument("--template", help="use this preset instead of the file's (see `flm templates`)")
     prm.set_defaults(func=_prompt)
+
+    ver = sub.add_parser("verify", help="compare a .flm with its source checkpoint",
+                         description="Run transformers on MODEL_DIR and flm on FILE over a few prompts; print the "
+                                     "largest logit difference, greedy agreement and a verdict (exit 1 on mismatch).")
+    ver.add_argument("model_dir")
+    ver.add_argument("file")
+    ver.add_argument("--tokens", type=int, default=8, help="greedy tokens compared per prompt")
+    ver.set_defaults(func=_verify)
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)

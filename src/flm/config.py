@@ -56,6 +56,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     architectures: list[str] = field(default_factory=list)
+    sliding_window: int | None = None  # Mistral: attend to the last N positions only
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -164,8 +165,6 @@ def rope_from_dict(raw: dict[str, Any]) -> tuple[float | None, RopeScaling]:
     kind = spec.get("rope_type") or spec.get("type") or "default"
     if kind == "su":
         kind = "longrope"
-    if kind == "dynamic" and spec.get("factor") in (None, 1, 1.0):
-        kind = "default"
     scaling_obj = RopeScaling(
         kind=str(kind),
         factor=float(spec.get("factor") or 1.0),

@@ -21,6 +21,7 @@ from .config import NORMALIZED_KEY, TEMPLATE_KEYS, ModelConfig, parse_scalar
 from .errors import CheckpointError, TemplateError
 from .families import EMBEDDING, LINEAR, find_family
 from .format.flm import FlmWriter
+from .format.delta import DeltaSource
 from .format.hf import HFCheckpoint, TensorSource
 from .quant import DType, choose_group_size, parse_dtype
 from .templates import PRESETS, Template, guess_preset, preset
@@ -192,8 +193,10 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     return cfg
 
 
-def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None) -> ModelConfig:
-    """`flm convert`: a Hugging Face model folder -> .flm."""
+def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None,
+            delta_base: str | os.PathLike | None = None) -> ModelConfig:
+    """`flm convert`: a Hugging Face model folder -> .flm; with `delta_base`, `model_dir` holds a
+    published delta that is added to the base checkpoint's weights while streaming."""
     options = options or ConvertOptions()
     if options.template and options.template not in PRESETS:
         raise TemplateError(f"unknown template {options.template!r}; `flm templates` lists: {', '.join(sorted(PRESETS))}")
@@ -201,5 +204,13 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: Conve
     tokenizer = TokenizerFiles.from_dir(ckpt.dir)
     if tokenizer.tokenizer_json is None and tokenizer.sentencepiece_model is None:
         log.warning("%s has no tokenizer.json or tokenizer.model: the .flm will have no tokenizer", ckpt.dir)
-    return write_model(out, ckpt, ckpt.config, ckpt.generation_config, tokenizer, options,
+    source: TensorSource = ckpt
+    if delta_base is not None:
+        base = HFCheckpoint(delta_base)
+        base_vocab = int(base.config.get("vocab_size") or 0)
+        if base_vocab > int(ckpt.config.get("vocab_size") or 0):
+            raise CheckpointError(f"the delta's vocab_size {ckpt.config.get('vocab_size')} is smaller than the "
+                                  f"base's {base_vocab}: is {delta_base} the right base?")
+        source = DeltaSource(base, ckpt)
+    return write_model(out, source, ckpt.config, ckpt.generation_config, tokenizer, options,
                        model_names=(ckpt.dir.resolve().name,))

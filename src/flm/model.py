@@ -157,7 +157,7 @@ class Transformer:
             cache.values[i][:, :, start:end] = v
             keys = cache.keys[i][:, :, :end]
             values = cache.values[i][:, :, :end]
-            attn = _attention(q, keys, values, start, heads // kv_heads)
+            attn = _attention(q, keys, values, start, heads // kv_heads, cfg.sliding_window)
             x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, heads * dim))
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
@@ -167,12 +167,19 @@ class Transformer:
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, groups: int) -> torch.Tensor:
-    """Causal attention of new queries (positions start..) over all cached keys."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, groups: int,
+               window: int | None = None) -> torch.Tensor:
+    """Causal attention of new queries (positions start..) over all cached keys; with a sliding
+    window, query i sees keys j with i - window < j <= i (transformers' Mistral)."""
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     seq, total = q.shape[2], k.shape[2]
+    if window is not None and total > window:
+        rows = torch.arange(start, start + seq)[:, None]
+        cols = torch.arange(total)[None, :]
+        mask = (cols <= rows) & (cols > rows - window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if seq == 1:
         return F.scaled_dot_product_attention(q, k, v)
     if start == 0:

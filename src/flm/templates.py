@@ -86,7 +86,12 @@ PRESETS: dict[str, Template] = {
         "### Instruction:\n", "\n### Response:\n", "\n<|EOT|>\n"),
 }
 PRESETS["sus-chat"] = PRESETS["yi"]
-PRESETS["internlm2"] = PRESETS["internlm"]
+# fastllm's tools/llamalike2flm.py strings for the families it special-cases
+PRESETS["internlm2"] = Template(
+    "<s><|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).\n<|im_end|>",
+    "<|im_start|>user\n", "<|im_end|><|im_start|>assistant\n", "<|im_end|>\n", **_CHATML_SYS)
+PRESETS["qwen2"] = Template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>", "<|im_start|>user\n",
+                            "<|im_end|><|im_start|>assistant\n", "<|im_end|>\n", **_CHATML_SYS)
 
 
 # (substrings that must all appear in the lower-cased model name or path, preset)

@@ -6,9 +6,12 @@ from typing import Any
 
 from ..errors import UnknownFamilyError
 from .base import EMBEDDING, LINEAR, PLAIN, Family, OutputTensor, canonical_shapes, tensor_kind
+from .internlm import InternLMFamily
+from .internlm2 import InternLM2Family
 from .llama import LlamaFamily
+from .qwen2 import Qwen2Family
 
-FAMILIES: list[Family] = [LlamaFamily()]
+FAMILIES: list[Family] = [LlamaFamily(), InternLMFamily(), InternLM2Family(), Qwen2Family()]
 
 
 def find_family(raw_config: dict[str, Any]) -> Family:

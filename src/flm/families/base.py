@@ -108,8 +108,15 @@ class Family:
             eos_token_ids=list(dict.fromkeys(eos)),
             pad_token_id=_first(as_int_list(raw.get("pad_token_id"))),
             architectures=[str(a) for a in (raw.get("architectures") or [])],
+            sliding_window=self.sliding_window(raw),
             **flags,
         )
+
+    def sliding_window(self, raw: dict[str, Any]) -> int | None:
+        """Mistral configs enable it by setting sliding_window; Qwen2-style ones by use_sliding_window."""
+        window = parse_scalar(raw.get("sliding_window"))
+        enabled = parse_scalar(raw.get("use_sliding_window", str(raw.get("model_type")) == "mistral"))
+        return int(window) if window and enabled else None
 
     def bias_flags(self, raw: dict[str, Any]) -> dict[str, bool]:
         attention_bias = bool(parse_scalar(raw.get("attention_bias", False)))
