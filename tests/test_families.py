@@ -215,3 +215,16 @@ def test_verify_detects_a_wrong_file(tmp_path, tiny_dir, capsys):
     convert(tmp_path / "other", tmp_path / "o.flm", ConvertOptions(dtype="float32", progress=False))
     assert cli(["verify", str(tiny_dir), str(tmp_path / "o.flm")]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_early_yi_layout_and_xverse_template(tmp_path):
+    """Early Yi checkpoints name the layer norms ln1/ln2; XVERSE gets the cookbook's XVERSE strings."""
+    reference = tiny_llama(seed=12)
+    state = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2"): v
+             for k, v in reference.state_dict().items()}
+    config = json.loads(json.dumps({**TINY, "model_type": "Yi", "architectures": ["YiForCausalLM"]}))
+    _save_state(tmp_path / "yi", config, state)
+    _check_family(tmp_path / "yi", reference, tmp_path)
+    xverse = {**TINY, "model_type": "xverse", "architectures": ["XverseForCausalLM"]}
+    _save_state(tmp_path / "xverse", xverse, reference.state_dict())
+    assert _kv_after_convert(tmp_path / "xverse", tmp_path)["history_sep"] == "<FLM_FIX_TOKEN_3>"

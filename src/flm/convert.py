@@ -135,7 +135,7 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     family = find_family(raw)
     cfg = family.config(raw, generation_config)
     names = tuple(model_names) + (str(raw.get("_name_or_path") or ""),)
-    template_name, template, template_source = choose_template(raw, options, family.default_template, names)
+    template_name, template, template_source = choose_template(raw, options, family.template_for(raw), names)
     if template_name:
         log.info("prompt template: %s (%s)", template_name, template_source)
     elif tokenizer.chat_template:

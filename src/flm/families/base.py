@@ -123,6 +123,10 @@ class Family:
         return {"qkv_bias": attention_bias, "o_bias": attention_bias,
                 "mlp_bias": bool(parse_scalar(raw.get("mlp_bias", False)))}
 
+    def template_for(self, raw: dict[str, Any]) -> str | None:
+        """The preset this family's chat models use (None: decide from the name or chat_template)."""
+        return self.default_template
+
     # ------------------------------------------------------------ tensors
     def source_name(self, canonical: str) -> str:
         """The checkpoint's name for a canonical tensor (identity for LLaMA layouts)."""
