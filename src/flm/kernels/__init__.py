@@ -107,9 +107,42 @@ class Int8Linear(Linear):
         return self.signed.to(torch.float32) * self.scale[:, None] + (self.shift[:, None] if self.shift is not None else 0)
 
 
+class NativeLinear(Linear):
+    """bf16/fp16/int8/int4 weights through the AVX-512 kernel: float32 activations and
+    accumulation (decode reads each weight once); prefill widens blocks of rows to float32 for
+    torch's GEMM. The weight bytes are used in place (memory-mapped from the file)."""
+
+    def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
+        from .native import NativeParams
+
+        self.params = NativeParams(weight, shape)
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else bias.to(torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .native import DECODE_ROWS, PREFILL_BLOCK
+
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        if flat.shape[0] <= DECODE_ROWS:
+            y = self.params.linear(flat)
+        else:
+            y = torch.cat([F.linear(flat, self.params.rows(s, min(s + PREFILL_BLOCK, self.out_features)))
+                           for s in range(0, self.out_features, PREFILL_BLOCK)], dim=-1)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.params.rows(0, self.out_features)
+
+
 def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,
                 reference: bool = False) -> Linear:
     """The fastest available Linear for this weight (the reference one when asked)."""
+    from .native import NativeParams, native
+
+    if not reference and NativeParams.supports(weight, shape) and native() is not None:
+        return NativeLinear(weight, shape, bias)
     if isinstance(weight, torch.Tensor):
         return FloatLinear(weight, bias)
     if not reference and weight.dtype == DType.INT8 and Int8Linear.applies():
@@ -117,4 +150,4 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
     return ReferenceLinear(weight, shape, bias)
 
 
-__all__ = ["FLOAT_DTYPES", "FloatLinear", "Int8Linear", "Linear", "ReferenceLinear", "make_linear"]
+__all__ = ["FLOAT_DTYPES", "FloatLinear", "Int8Linear", "Linear", "NativeLinear", "ReferenceLinear", "make_linear"]

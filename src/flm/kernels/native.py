@@ -1,0 +1,94 @@
+"""The AVX-512 linear kernels (csrc/linear_avx512.cpp), compiled with torch's cpp_extension on
+first use and cached (FLM_CACHE/torch_extensions). On a CPU without AVX-512, without a C++
+compiler, or with FLM_KERNELS=reference, flm runs on the plain-PyTorch reference path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..quant import DType, Quantized, lowbit_params
+
+log = logging.getLogger("flm")
+SOURCE = Path(__file__).parent / "csrc" / "linear_avx512.cpp"
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3}
+DECODE_ROWS = 16  # up to this many x rows the kernel reads each weight once; beyond, prefill path
+PREFILL_BLOCK = 1024  # weight rows widened to float32 at a time for prefill GEMMs
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"))
+
+
+@lru_cache(maxsize=1)
+def native():
+    """The compiled module, or None when the fast path is unavailable (the reason is logged)."""
+    if os.environ.get("FLM_KERNELS", "").lower() == "reference":
+        return None
+    if not _cpu_has_avx512():
+        log.info("CPU lacks AVX-512: using the reference kernels")
+        return None
+    from torch.utils.cpp_extension import load
+
+    from ..builtin import cache_dir
+
+    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}"
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        return load(name="flm_linear_avx512", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    build_directory=str(build), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
+        log.warning("could not build the AVX-512 kernels (%s); using the reference kernels", str(exc)[:200])
+        return None
+
+
+class NativeParams:
+    """Weight bytes and per-row/group parameters in the layout the C++ kernel reads."""
+
+    def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int]):
+        self.n, self.k = shape
+        empty = torch.empty(0)
+        self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
+        if isinstance(weight, torch.Tensor):
+            self.kind = KIND[DType.BFLOAT16 if weight.dtype == torch.bfloat16 else DType.FLOAT16]
+            self.data = weight.contiguous()
+            return
+        self.kind = KIND[weight.dtype]
+        if weight.dtype == DType.INT8:
+            scale, zero, _ = lowbit_params(weight.mins, weight.maxs, 8, no_zero=False)
+            self.scale, self.shift = scale.contiguous(), (-zero * scale).contiguous()
+            self.data = weight.data.reshape(self.n, self.k)
+        else:
+            scale, _, lo = lowbit_params(weight.mins, weight.maxs, 4, no_zero=True)
+            self.scale, self.shift = scale.contiguous(), lo.contiguous()
+            if weight.dtype == DType.INT4_GROUP:
+                self.group, self.groups_per_row = weight.group_cnt, weight.group
+            self.data = weight.data.reshape(self.n, self.k // 2)
+
+    @staticmethod
+    def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:
+        n, k = shape
+        if k % 32:
+            return False
+        if isinstance(weight, torch.Tensor):
+            return weight.dtype in (torch.bfloat16, torch.float16)
+        if weight.dtype == DType.INT4_GROUP:
+            return weight.group_cnt % 32 == 0 and weight.group * weight.group_cnt == k
+        return weight.dtype in (DType.INT8, DType.INT4_NOZERO)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return native().linear(x, self.kind, self.data, self.scale, self.shift, self.group, self.groups_per_row,
+                               self.n, self.k)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return native().dequantize_rows(self.kind, self.data, self.scale, self.shift, self.group,
+                                        self.groups_per_row, start, stop, self.k)
