@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .errors import FlmError
 
@@ -101,6 +102,54 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not report.verdict.startswith("MISMATCH") else 1
 
 
+def _load_model(path: str | None, dtype: str = "float32"):
+    from . import llm
+
+    if path is None:
+        from .builtin import smollm2_flm
+
+        path = str(smollm2_flm(dtype))
+        print(f"flm: using the built-in SmolLM2-135M-Instruct ({path})", file=sys.stderr)
+    return llm.model(path), path
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=512, help="new tokens per answer at most")
+    p.add_argument("--seed", type=int)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    model, _ = _load_model(args.file)
+    if args.template:
+        from .templates import preset
+
+        model.template = preset(args.template)
+    ChatSession(model, args).run(sys.stdin, sys.stdout)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import ServerConfig, create_app
+
+    model, path = _load_model(args.file)
+    name = args.model_name or Path(path).stem
+    app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
+                     max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"flm: serving {name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flm",
@@ -168,6 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("file")
     ver.add_argument("--tokens", type=int, default=8, help="greedy tokens compared per prompt")
     ver.set_defaults(func=_verify)
+
+    chat = sub.add_parser("chat", help="talk to a model in the terminal",
+                          description="Interactive chat with streaming output. Commands: /reset, /system TEXT, "
+                                      "/exit. Reads lines from a pipe too.")
+    chat.add_argument("file", nargs="?", help=".flm file (default: the built-in SmolLM2, converted once)")
+    chat.add_argument("--template", help="use this preset instead of the file's (see `flm templates`)")
+    chat.add_argument("--system", help="a system message for the conversation")
+    _sampling_args(chat)
+    chat.set_defaults(func=_chat)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+                         description="Serve FILE over the OpenAI API (/v1/models, /v1/chat/completions, "
+                                     "/v1/completions; streaming or not) with a web chat page at /.")
+    srv.add_argument("file", nargs="?", help=".flm file (default: the built-in SmolLM2)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--model-name", help="the model id clients use (default: the file name)")
+    srv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
+    srv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    srv.set_defaults(func=_serve)
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)

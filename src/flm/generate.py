@@ -59,28 +59,58 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig,
     return int(indices[choice])
 
 
+class Sequence:
+    """One generation in progress: its cache, sampling state and stopping rules. `generate`
+    drives one alone; the server's scheduler steps many together."""
+
+    def __init__(self, model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int],
+                 context_limit: int | None = None):
+        if not prompt_ids:
+            raise ValueError("empty prompt: nothing to condition on")
+        limit = context_limit or model.cfg.max_position_embeddings
+        if len(prompt_ids) >= limit:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens but the context window is {limit}; shorten it or the history")
+        self.model = model
+        self.prompt_ids = list(prompt_ids)
+        self.cfg = cfg
+        self.stops = set(eos_ids) | set(cfg.stop_token_ids)
+        self.remaining = min(cfg.max_length, limit - len(prompt_ids))
+        self.cache = model.new_cache(1, len(prompt_ids) + self.remaining)
+        self.generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        self.seen = set(prompt_ids)
+        self.output: list[int] = []
+        self.finish_reason: str | None = None  # "stop" or "length" once done
+
+    def prefill(self) -> torch.Tensor:
+        return self.model.forward(torch.tensor([self.prompt_ids]), self.cache)[0, -1]
+
+    def choose(self, logits: torch.Tensor) -> int | None:
+        """The next token from `logits`, or None when the sequence stops here."""
+        token = sample_next(logits, torch.tensor(sorted(self.seen)), self.cfg, self.generator)
+        if token in self.stops:
+            self.finish_reason = "stop"
+            return None
+        self.output.append(token)
+        self.seen.add(token)
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.finish_reason = "length"
+        return token
+
+    def step(self, token: int) -> torch.Tensor:
+        return self.model.forward(torch.tensor([[token]]), self.cache)[0, -1]
+
+
 def generate(model: Transformer, prompt_ids: list[int], cfg: SamplingConfig, eos_ids: set[int],
              context_limit: int | None = None) -> Iterator[int]:
     """Yield new token ids until EOS, a stop id, or `max_length` new tokens."""
-    if not prompt_ids:
-        raise ValueError("empty prompt: nothing to condition on")
-    limit = context_limit or model.cfg.max_position_embeddings
-    if len(prompt_ids) >= limit:
-        raise ContextOverflowError(
-            f"the prompt has {len(prompt_ids)} tokens but the context window is {limit}; shorten it or the history")
-    new_tokens = min(cfg.max_length, limit - len(prompt_ids))
-    cache = model.new_cache(1, len(prompt_ids) + new_tokens)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator().manual_seed(cfg.seed)
-    stops = set(eos_ids) | set(cfg.stop_token_ids)
-    seen = list(prompt_ids)
-    logits = model.forward(torch.tensor([prompt_ids]), cache)[0, -1]
-    for step in range(new_tokens):
-        token = sample_next(logits, torch.tensor(sorted(set(seen))), cfg, generator)
-        if token in stops:
+    seq = Sequence(model, prompt_ids, cfg, eos_ids, context_limit)
+    logits = seq.prefill()
+    while seq.finish_reason is None:
+        token = seq.choose(logits)
+        if token is None:
             return
         yield token
-        seen.append(token)
-        if step + 1 < new_tokens:
-            logits = model.forward(torch.tensor([[token]]), cache)[0, -1]
+        if seq.finish_reason is None:
+            logits = seq.step(token)

@@ -89,6 +89,21 @@ class model:  # noqa: N801 - fastllm's class name
         special = {k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
         return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **special)
 
+    def prompt_for_messages(self, messages: list[dict[str, str]]) -> str:
+        """An OpenAI-style message list as this model's prompt (chat_template or fastllm strings)."""
+        if self.template is None:
+            special = {k: v for k, v in self.tokenizer_config.items() if k.endswith("_token") and isinstance(v, str)}
+            return render_chat_template(self.chat_template, messages, add_generation_prompt=True, **special)
+        system = None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        roles = [m["role"] for m in messages]
+        if not roles or roles[-1] != "user" or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
+            raise TemplateError("messages must alternate user/assistant (after an optional system message) "
+                                "and end with a user message")
+        history = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages) - 1, 2)]
+        return self.template.prompt(messages[-1]["content"], history, system)
+
     def tokenizer_encode_string(self, content: str) -> list[int]:
         return self.tokenizer.encode(content)
 

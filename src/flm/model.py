@@ -16,7 +16,7 @@ from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
 from .kernels import Linear, make_linear
-from .quant import FLOAT_DTYPES
+from .quant import FLOAT_DTYPES, DType
 from .rope import Rotary, apply_rotary
 
 
@@ -97,8 +97,9 @@ class Transformer:
                 raise FlmFormatError(flm.path, f"tensor {name} has shape {list(rec.dims)} but the config implies {list(shape)}")
 
         def weight(name: str):
+            """Linear weights as stored bytes (no copy even when a name left them unaligned)."""
             rec = flm.tensors[name]
-            return flm.float_tensor(rec) if rec.dtype in FLOAT_DTYPES else flm.quantized(rec)
+            return flm.float_tensor(rec) if rec.dtype == DType.FLOAT32 else flm.quantized(rec)
 
         def plain(name: str) -> torch.Tensor:
             rec = flm.tensors[name]
@@ -121,9 +122,10 @@ class Transformer:
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
             ))
         embed_rec = flm.tensors["model.embed_tokens.weight"]
-        embed = weight("model.embed_tokens.weight")
-        if embed_rec.dtype not in FLOAT_DTYPES:
-            embed = make_linear(embed, tuple(embed_rec.dims), reference=True).dense()
+        if embed_rec.dtype in FLOAT_DTYPES:
+            embed = flm.float_tensor(embed_rec)
+        else:
+            embed = make_linear(flm.quantized(embed_rec), tuple(embed_rec.dims), reference=True).dense()
         head_name = "lm_head.weight" if "lm_head.weight" in flm.tensors else "model.embed_tokens.weight"
         lm_head = make_linear(weight(head_name), (cfg.vocab_size, cfg.hidden_size), None, reference)
         return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head)
@@ -165,6 +167,45 @@ class Transformer:
         if last_only:
             x = x[:, -1:]
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for several sequences at once, each with its own cache and position.
+        The linear layers see all rows together (weights are read once per step); attention runs
+        per sequence. Returns logits [B, vocab]."""
+        cfg = self.cfg
+        batch = len(tokens)
+        for cache in caches:
+            cache.reserve(cache.length + 1)
+        x = self.embed[torch.tensor(tokens)].to(torch.float32).view(batch, 1, -1)
+        cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]])) for c in caches))
+        cos, sin = torch.cat(cos), torch.cat(sin)
+        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
+            q = apply_rotary(layer.q(h).view(batch, 1, heads, dim).transpose(1, 2), cos, sin)
+            k = apply_rotary(layer.k(h).view(batch, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+            v = layer.v(h).view(batch, 1, kv_heads, dim).transpose(1, 2)
+            attn = _decode_attention(i, q, k, v, caches, heads // kv_heads, cfg.sliding_window)
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch, 1, heads * dim))
+            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
+            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+        for cache in caches:
+            cache.length += 1
+        return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
+
+
+def _decode_attention(layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      caches: list[KVCache], groups: int, window: int | None) -> torch.Tensor:
+    """One new token per sequence, each attending over its own cache: q/k/v [B, heads, 1, dim]."""
+    outs = []
+    for b, cache in enumerate(caches):
+        pos = cache.length
+        cache.keys[layer_index][:, :, pos:pos + 1] = k[b:b + 1]
+        cache.values[layer_index][:, :, pos:pos + 1] = v[b:b + 1]
+        outs.append(_attention(q[b:b + 1], cache.keys[layer_index][:, :, :pos + 1],
+                               cache.values[layer_index][:, :, :pos + 1], pos, groups, window))
+    return torch.cat(outs)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, groups: int,

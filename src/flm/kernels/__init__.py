@@ -143,6 +143,11 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
 
     if not reference and NativeParams.supports(weight, shape) and native() is not None:
         return NativeLinear(weight, shape, bias)
+    if isinstance(weight, Quantized) and weight.dtype in FLOAT_DTYPES:  # 16-bit bytes straight from a file
+        data = weight.data.reshape(-1)
+        if data.data_ptr() % 2:
+            data = data.clone()
+        weight = data.view(FLOAT_DTYPES[weight.dtype]).reshape(shape)
     if isinstance(weight, torch.Tensor):
         return FloatLinear(weight, bias)
     if not reference and weight.dtype == DType.INT8 and Int8Linear.applies():

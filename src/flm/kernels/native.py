@@ -63,6 +63,9 @@ class NativeParams:
             self.data = weight.contiguous()
             return
         self.kind = KIND[weight.dtype]
+        if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):  # raw bytes, possibly at an odd address
+            self.data = weight.data.reshape(self.n, 2 * self.k)
+            return
         if weight.dtype == DType.INT8:
             scale, zero, _ = lowbit_params(weight.mins, weight.maxs, 8, no_zero=False)
             self.scale, self.shift = scale.contiguous(), (-zero * scale).contiguous()
@@ -81,6 +84,8 @@ class NativeParams:
             return False
         if isinstance(weight, torch.Tensor):
             return weight.dtype in (torch.bfloat16, torch.float16)
+        if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):
+            return True
         if weight.dtype == DType.INT4_GROUP:
             return weight.group_cnt % 32 == 0 and weight.group * weight.group_cnt == k
         return weight.dtype in (DType.INT8, DType.INT4_NOZERO)

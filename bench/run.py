@@ -1,0 +1,250 @@
+"""Side-by-side speed benchmark: flm, transformers and (when installed) llama.cpp through
+llama-cpp-python, each engine in its own child process (for a clean peak RSS), alternately.
+
+    python bench/run.py                      # the 1.1B LLaMA, every dtype, 2 threads
+    python bench/run.py --model smollm2      # SmolLM2-135M-Instruct
+    python bench/run.py --engines flm --dtypes int4g
+
+Prints prefill and decode tokens/s, time to first token, peak RSS, decode effective GB/s against
+the measured memory bandwidth, and the ratios of flm to each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+FLM_DTYPES = ("float16", "bfloat16", "int8", "int4", "int4g")
+PEER_DTYPE = {"float16": ("F16", "bf16"), "bfloat16": ("F16", "bf16"), "int8": ("Q8_0", None),
+              "int4": ("Q4_0", None), "int4g": ("Q4_0", None)}
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth: torch sum over a 2 GB tensor, best of 5."""
+    import torch
+
+    x = torch.ones(512 * 1024 * 1024, dtype=torch.float32)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    return [(1000 + 37 * i) % (vocab - 100) + 50 for i in range(n)]
+
+
+# ------------------------------------------------------------------ engines (run in a child)
+
+def run_flm(path: str, prompt: int, gen: int) -> dict:
+    import torch
+
+    from flm import llm
+
+    start = time.perf_counter()
+    model = llm.model(path)
+    load_s = time.perf_counter() - start
+    ids = prompt_ids(model.config.vocab_size, prompt)
+    cache = model.model.new_cache(1, prompt + gen + 1)
+    start = time.perf_counter()
+    logits = model.model.forward(torch.tensor([ids]), cache)
+    token = int(logits[0, -1].argmax())
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(gen):
+        token = int(model.model.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
+    decode = time.perf_counter() - start
+    weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
+    return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / ttft, "decode_tps": gen / decode,
+            "weight_bytes": weight_bytes}
+
+
+def run_transformers(model_dir: str, dtype: str, prompt: int, gen: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt)])
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        ttft = time.perf_counter() - start
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(gen):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / ttft, "decode_tps": gen / decode,
+            "weight_bytes": weight_bytes}
+
+
+def run_llamacpp(gguf: str, prompt: int, gen: int, threads: int) -> dict:
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt + gen + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=prompt + gen + 8, verbose=False)
+    load_s = time.perf_counter() - start
+    ids = prompt_ids(llm.n_vocab(), prompt)
+    start = time.perf_counter()
+    llm.eval(ids)
+    ttft = time.perf_counter() - start
+    token = int(llm.scores[llm.n_tokens - 1].argmax())
+    start = time.perf_counter()
+    for _ in range(gen):
+        llm.eval([token])
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+    decode = time.perf_counter() - start
+    return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / ttft, "decode_tps": gen / decode,
+            "weight_bytes": os.path.getsize(gguf)}
+
+
+def peak_rss_gb() -> float:
+    """VmHWM: the peak of this process alone (ru_maxrss would include the parent's at fork)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.engine == "flm":
+        result = run_flm(args.path, args.prompt, args.gen)
+    elif args.engine == "transformers":
+        result = run_transformers(args.path, args.dtype, args.prompt, args.gen)
+    else:
+        result = run_llamacpp(args.path, args.prompt, args.gen, args.threads)
+    result["peak_rss_gb"] = peak_rss_gb()
+    print("RESULT " + json.dumps(result))
+
+
+def in_child(engine: str, path: str, dtype: str, args: argparse.Namespace) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", engine, "--path", str(path), "--dtype", dtype, "--prompt",
+           str(args.prompt), "--gen", str(args.gen), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"  {engine} {dtype} failed: {proc.stderr.strip()[-400:]}", file=sys.stderr)
+    return None
+
+
+# ------------------------------------------------------------------ models
+
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """(HF checkpoint, flm files per dtype, gguf files per llama.cpp type)."""
+    from flm.builtin import cache_dir, smollm2_checkpoint
+    from flm.convert import ConvertOptions, convert
+
+    if args.model == "smollm2":
+        src = smollm2_checkpoint()
+        group = 32
+    else:
+        from make_models import build
+
+        src = build(cache_dir() / "bench" / "llama-1.1b")
+        group = 128
+    out = cache_dir() / "bench" / f"{args.model}-flm"
+    out.mkdir(parents=True, exist_ok=True)
+    flm_files = {}
+    for dtype in args.dtypes:
+        flm_files[dtype] = out / f"{dtype}.flm"
+        if not flm_files[dtype].exists():
+            convert(src, flm_files[dtype], ConvertOptions(dtype=dtype, group_size=group, progress=False))
+    gguf_files = {}
+    if "llama.cpp" in args.engines:
+        from gguf_models import gguf_for
+
+        for dtype in args.dtypes:
+            kind = PEER_DTYPE[dtype][0]
+            try:
+                gguf_files[kind] = gguf_for(src, kind, cache_dir() / "bench" / f"{args.model}-gguf")
+            except Exception as exc:  # llama-cpp-python missing or unable to convert
+                print(f"llama.cpp: skipped ({exc})", file=sys.stderr)
+                args.engines = [e for e in args.engines if e != "llama.cpp"]
+                break
+    return src, flm_files, gguf_files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("llama-1.1b", "smollm2"), default="llama-1.1b")
+    parser.add_argument("--dtypes", nargs="+", default=list(FLM_DTYPES), choices=FLM_DTYPES)
+    parser.add_argument("--engines", nargs="+", default=["flm", "transformers", "llama.cpp"])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=("flm", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.engine = args.child
+        child_main(args)
+        return
+    if "llama.cpp" in args.engines:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: llama-cpp-python is not installed; comparing the rest", file=sys.stderr)
+            args.engines = [e for e in args.engines if e != "llama.cpp"]
+    bandwidth = bandwidth_gbs()
+    src, flm_files, gguf_files = prepare(args)
+    print(f"model {args.model}, {args.threads} threads, prompt {args.prompt}, generate {args.gen}, "
+          f"measured read bandwidth {bandwidth:.1f} GB/s")
+    rows = []
+    done_peers: dict[tuple[str, str], dict] = {}
+    for dtype in args.dtypes:
+        flm = in_child("flm", str(flm_files[dtype]), dtype, args)
+        peers = {}
+        gguf_kind, hf_dtype = PEER_DTYPE[dtype]
+        if "llama.cpp" in args.engines and gguf_kind in gguf_files:
+            key = ("llama.cpp", gguf_kind)
+            done_peers.setdefault(key, in_child("llama.cpp", str(gguf_files[gguf_kind]), gguf_kind, args))
+            peers[f"llama.cpp {gguf_kind}"] = done_peers[key]
+        if "transformers" in args.engines:
+            key = ("transformers", "bf16")
+            done_peers.setdefault(key, in_child("transformers", str(src), "bf16", args))
+            peers["transformers bf16"] = done_peers[key]
+        rows.append((dtype, flm, peers))
+    print(f"{'engine':<24} {'prefill tok/s':>13} {'decode tok/s':>12} {'TTFT s':>7} {'peak RSS GB':>11} "
+          f"{'decode GB/s':>11} {'% of bw':>7}")
+    seen = set()
+    for dtype, flm, peers in rows:
+        for name, result in [(f"flm {dtype}", flm)] + list(peers.items()):
+            if result is None or name in seen:
+                continue
+            seen.add(name)
+            gbs = result["weight_bytes"] * result["decode_tps"] / 1e9
+            print(f"{name:<24} {result['prefill_tps']:>13.1f} {result['decode_tps']:>12.2f} {result['ttft_s']:>7.2f} "
+                  f"{result['peak_rss_gb']:>11.2f} {gbs:>11.1f} {gbs / bandwidth:>7.0%}")
+    print("\nratios (flm / peer): prefill, decode")
+    for dtype, flm, peers in rows:
+        for name, result in peers.items():
+            if flm and result:
+                print(f"  flm {dtype:<9} vs {name:<20} {flm['prefill_tps'] / result['prefill_tps']:>5.2f}x "
+                      f"{flm['decode_tps'] / result['decode_tps']:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Continuous batching: one worker thread owns the model and steps every running sequence
+together. A request joins between steps (its prompt is prefilled alone), leaves when it
+finishes or its client goes away, and each has its own KV cache.
+
+Requests beyond `max_batch` wait in a bounded queue; past that, `submit` refuses (HTTP 429).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..generate import Sequence
+
+log = logging.getLogger("flm")
+
+
+class QueueFull(Exception):
+    """More requests than running slots plus queue places."""
+
+
+@dataclass
+class Job:
+    """A generation request. `emit(token, finish_reason)` is called from the worker thread for
+    every token (finish_reason None) and once at the end (token None)."""
+
+    sequence: Sequence
+    emit: Callable[[int | None, str | None], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 32):
+        self.model = model
+        self.max_batch = max_batch
+        self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.running: list[tuple[Job, int]] = []  # (job, last token not yet fed)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="flm-scheduler", daemon=True)
+        self.steps = 0
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + self.waiting.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.waiting.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.max_batch} requests running and {self.waiting.maxsize} waiting") from None
+        self._wake.set()
+
+    # ------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            if not self.running:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a bug must not kill the server: fail the running jobs, keep serving
+                log.exception("decode step failed")
+                for job, _ in self.running:
+                    job.emit(None, f"error: {exc}")
+                self.running = []
+
+    def _finish(self, job: Job, reason: str) -> None:
+        job.emit(None, reason)
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled.is_set():
+                continue
+            try:
+                token = job.sequence.choose(job.sequence.prefill())
+            except Exception as exc:
+                self._finish(job, f"error: {exc}")
+                continue
+            self._deliver(job, token)
+
+    def _deliver(self, job: Job, token: int | None) -> None:
+        """Hand a token to the client and keep the job running if it goes on."""
+        seq = job.sequence
+        if token is not None:
+            job.emit(token, None)
+        if seq.finish_reason is not None:
+            self._finish(job, seq.finish_reason)
+        elif job.cancelled.is_set():
+            self._finish(job, "cancelled")
+        else:
+            self.running.append((job, token))
+
+    def _step(self) -> None:
+        live = [(job, token) for job, token in self.running if not job.cancelled.is_set()]
+        for job, _ in self.running:
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+        self.running = []
+        if not live:
+            return
+        logits = self.model.decode_batch([token for _, token in live], [job.sequence.cache for job, _ in live])
+        self.steps += 1
+        for row, (job, _) in enumerate(live):
+            self._deliver(job, job.sequence.choose(logits[row]))
