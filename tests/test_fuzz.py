@@ -9,3 +9,22 @@ def test_fuzz_5000_mutants(capsys):
         print(f"\nfuzz: {report}")
     assert report["files"] >= 5000
     assert report["rejected"] > 1000 and report["ok"] > 0  # both paths exercised
+
+
+def test_hypothesis_edits(tmp_path):
+    """hypothesis-driven edits (splices of arbitrary bytes) on top of the enumerated mutants."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from fuzz_flm import check_one, sample_file
+
+    blob = sample_file(tmp_path)
+    target = tmp_path / "h.flm"
+
+    @settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.integers(0, len(blob)), st.integers(0, 64), st.binary(max_size=64))
+    def check(offset, removed, inserted):
+        target.write_bytes(blob[:offset] + inserted + blob[offset + removed:])
+        assert check_one(target) in ("ok", "rejected")
+
+    check()
