@@ -124,3 +124,10 @@ def test_chat_template_errors_are_typed():
         render_chat_template("{% for x in %}", [])
     with pytest.raises(TemplateError):  # the sandbox keeps Python internals out of reach
         render_chat_template("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+
+
+def test_runaway_templates_are_stopped():
+    with pytest.raises(TemplateError, match="range of more than"):
+        render_chat_template("{% for i in range(10**9) %}{% endfor %}", [])
+    with pytest.raises(TemplateError, match="size or time limit"):
+        render_chat_template("{% for i in range(10000) %}{% for j in range(10000) %}xxxxxxxx{% endfor %}{% endfor %}", [])

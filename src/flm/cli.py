@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     except FlmError as exc:
         print(f"flm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied, ...: one line, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"flm: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flm: interrupted", file=sys.stderr)
         return 130

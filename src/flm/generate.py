@@ -76,7 +76,9 @@ class Sequence:
         self.cfg = cfg
         self.stops = set(eos_ids) | set(cfg.stop_token_ids)
         self.remaining = min(cfg.max_length, limit - len(prompt_ids))
-        self.cache = model.new_cache(1, len(prompt_ids) + self.remaining)
+        needed = len(prompt_ids) + self.remaining
+        # exactly what this generation can use, up to a first chunk; it grows only for long answers
+        self.cache = model.new_cache(1, needed, initial=min(needed, len(prompt_ids) + 256))
         self.generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         self.seen = set(prompt_ids)
         self.output: list[int] = []

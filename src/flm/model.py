@@ -37,9 +37,9 @@ class KVCache:
     """Keys/values for `batch` sequences: [layers][batch, kv_heads, max_len, head_dim]."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", initial: int | None = None):
         self.max_len = max_len  # hard limit (the context window)
-        self.capacity = min(max_len, self.INITIAL)
+        self.capacity = min(max_len, initial or self.INITIAL)
         shape = (batch, cfg.num_key_value_heads, self.capacity, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -131,8 +131,9 @@ class Transformer:
         return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head)
 
     # ------------------------------------------------------------ forward
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.max_position_embeddings, device=self.device)
+    def new_cache(self, batch: int = 1, max_len: int | None = None, initial: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_position_embeddings, device=self.device,
+                       initial=initial)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:

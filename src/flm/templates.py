@@ -131,9 +131,16 @@ def template_from_kv(kv: dict[str, str]) -> Template | None:
                     system_in_first_user=base.system_in_first_user)
 
 
+MAX_RENDER_CHARS = 1 << 20  # a chat prompt longer than this is a runaway template
+MAX_RENDER_SECONDS = 2.0
+
+
 def render_chat_template(source: str, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                          **special: str) -> str:
-    """Render a Jinja chat_template like transformers' apply_chat_template, sandboxed."""
+    """Render a Jinja chat_template like transformers' apply_chat_template, sandboxed: no access
+    to Python internals, loops bounded, and output size and time limited."""
+    import time
+
     from jinja2 import TemplateError as JinjaError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -142,13 +149,29 @@ def render_chat_template(source: str, messages: list[dict[str, str]], add_genera
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["range"] = _bounded_range
     env.filters["tojson"] = _tojson
     try:
-        return env.from_string(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        template = env.from_string(source)
+        parts, size, deadline = [], 0, time.monotonic() + MAX_RENDER_SECONDS
+        for chunk in template.generate(messages=messages, add_generation_prompt=add_generation_prompt, **special):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > MAX_RENDER_CHARS or time.monotonic() > deadline:
+                raise TemplateError("chat_template output runs past its size or time limit")
+        return "".join(parts)
     except TemplateError:
         raise
-    except (JinjaError, TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (JinjaError, TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise TemplateError(f"chat_template failed to render: {exc}") from None
+
+
+def _bounded_range(*args: int) -> range:
+    """range() for templates: chat templates iterate over messages, never over millions."""
+    r = range(*args)
+    if len(r) > 10_000:
+        raise TemplateError("chat_template asked for a range of more than 10000 items")
+    return r
 
 
 def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):

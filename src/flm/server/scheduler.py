@@ -7,6 +7,7 @@ Requests beyond `max_batch` wait in a bounded queue; past that, `submit` refuses
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -16,6 +17,14 @@ from typing import Callable
 from ..generate import Sequence
 
 log = logging.getLogger("flm")
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps freed heap pages; malloc_trim hands them back (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class QueueFull(Exception):
@@ -45,6 +54,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="flm-scheduler", daemon=True)
         self.steps = 0
+        self._trimmed_at = 0
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -71,6 +81,9 @@ class Scheduler:
         while not self._stop.is_set():
             self._admit()
             if not self.running:
+                if self.steps != self._trimmed_at:
+                    _release_freed_memory()  # KV caches of finished requests go back to the OS
+                    self._trimmed_at = self.steps
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

@@ -1,0 +1,7 @@
+"""`python -m flm` runs the `flm` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
