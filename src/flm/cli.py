@@ -139,14 +139,30 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server.app import ServerConfig, create_app
 
+    import threading
+
     model, path = _load_model(args.file)
     name = args.model_name or Path(path).stem
     app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+                     max_batch=args.max_batch, max_queue=args.max_queue, background_scheduler=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024))
+    sys.setswitchinterval(0.0005)  # hand the GIL to the HTTP thread quickly; the model thread waits less
+    # HTTP in a thread, the model on the main thread (see Scheduler.start)
+    http = threading.Thread(target=server.run, name="flm-http", daemon=True)
+    http.start()
     print(f"flm: serving {name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    scheduler = app.state.flm.scheduler
+    stopper = threading.Thread(target=lambda: (http.join(), scheduler.stop()), daemon=True)
+    stopper.start()  # the HTTP server exiting (e.g. port in use) stops the model loop too
+    try:
+        scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
     return 0
 
 

@@ -7,9 +7,11 @@ OpenAI's error shape and a 4xx status. Paths and stack traces never reach a clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -111,17 +113,47 @@ def _messages(body: dict) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------- generation bridge
 
+class Mailbox:
+    """Tokens from the model thread to the event loop, with one loop wake-up per batch of tokens
+    instead of one per token (each wake-up costs the model thread a GIL hand-over)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, target: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.items.append((target, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, collections.deque()
+            self.scheduled = False
+        for target, item in items:
+            target.put_nowait(item)
+
+
 class Generation:
     """Runs one request through the scheduler and turns its tokens into text, honouring stop strings."""
 
-    def __init__(self, app_state: "State", prompt_ids: list[int], sampling: SamplingConfig, stop: list[str]):
+    def __init__(self, app_state: "State", prompt_ids: list[int], sampling: SamplingConfig, stop: list[str],
+                 ignore_eos: bool = False):
         self.state = app_state
         self.prompt_tokens = len(prompt_ids)
         self.stop = stop
-        self.loop = asyncio.get_running_loop()
+        if app_state.mailbox is None:
+            app_state.mailbox = Mailbox(asyncio.get_running_loop())
+        self.mailbox = app_state.mailbox
         self.queue: asyncio.Queue = asyncio.Queue()
         try:
-            sequence = Sequence(app_state.model.model, prompt_ids, sampling, app_state.model.eos_ids)
+            eos = set() if ignore_eos else app_state.model.eos_ids
+            sequence = Sequence(app_state.model.model, prompt_ids, sampling, eos)
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
         self.job = Job(sequence, self._emit)
@@ -135,7 +167,7 @@ class Generation:
                            kind="rate_limit_error", code="server_busy") from None
 
     def _emit(self, token: int | None, reason: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+        self.mailbox.post(self.queue, (token, reason))
 
     async def pieces(self) -> AsyncIterator[str]:
         """Text pieces; stop strings are cut, and text that may start one is held back."""
@@ -172,11 +204,15 @@ class State:
     model: Any
     scheduler: Scheduler
     config: ServerConfig
+    mailbox: Mailbox | None = None
 
 
 # ---------------------------------------------------------------- endpoints
 
-def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: int = 32) -> Starlette:
+def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: int = 32,
+               background_scheduler: bool = True) -> Starlette:
+    """The ASGI app. With background_scheduler=False the caller runs `app.state.flm.scheduler.run()`
+    itself (on the main thread, as `flm serve` does)."""
     scheduler = Scheduler(model.model, max_batch=max_batch, max_queue=max_queue)
     state = State(model, scheduler, config)
 
@@ -242,7 +278,7 @@ def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: 
             if not isinstance(prompt, str) or not prompt:
                 raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
         ids = model.encode_prompt(prompt)
-        gen = Generation(state, ids, sampling, stop)
+        gen = Generation(state, ids, sampling, stop, ignore_eos=body.get("ignore_eos") is True)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -327,7 +363,8 @@ def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: 
     ]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        scheduler.start()
+        if background_scheduler:
+            scheduler.start()
         yield
         scheduler.stop()
 

@@ -1,0 +1,114 @@
+"""Serving throughput: 1, 4, 8 and 16 concurrent streaming clients against `flm serve`'s app
+(continuous batching), aggregate generated tokens/s, and whether every greedy answer equals the
+same prompt run alone.
+
+    python bench/serve_bench.py                       # SmolLM2-135M-Instruct (float32)
+    python bench/serve_bench.py --model llama-1.1b --dtype int4g
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROMPTS = ["Tell me about rivers.", "Explain photosynthesis.", "Describe a cat.", "What is gravity?",
+           "Write about the sea.", "Why is the sky blue?", "Describe a city at night.", "What are stars?"]
+
+
+def start_server(path: Path, max_batch: int):
+    """`flm serve` in its own process, as users run it (the clients here would otherwise share its GIL)."""
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flm", "serve", str(path), "--port", str(port), "--model-name",
+                             "bench", "--max-batch", str(max_batch), "--max-tokens", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url + "/v1/completions"
+
+
+async def stream_one(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[str, int]:
+    text, count = "", 0
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # ignore_eos (flm extension): every request runs full length
+    async with http.stream("POST", url, json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    count = event["usage"]["completion_tokens"]
+                elif event["choices"]:
+                    text += event["choices"][0]["text"]
+    return text, count
+
+
+async def run_clients(url: str, clients: int, tokens: int) -> tuple[float, list[tuple[str, int]]]:
+    async with httpx.AsyncClient(timeout=600) as http:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_one(http, url, PROMPTS[i % len(PROMPTS)], tokens)
+                                         for i in range(clients)))
+        return time.perf_counter() - start, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "llama-1.1b"), default="smollm2")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    from flm.builtin import cache_dir, smollm2_checkpoint
+    from flm.convert import ConvertOptions, convert
+
+    if args.model == "smollm2":
+        src = smollm2_checkpoint()
+    else:
+        from make_models import build
+
+        src = build(cache_dir() / "bench" / "llama-1.1b")
+    path = cache_dir() / "bench" / f"{args.model}-serve-{args.dtype}.flm"
+    if not path.exists():
+        convert(src, path, ConvertOptions(dtype=args.dtype, group_size=32 if args.model == "smollm2" else 128,
+                                          progress=False))
+    server, url = start_server(path, max_batch=max(args.clients))
+    alone = {p: asyncio.run(run_clients_single(url, p, args.tokens)) for p in PROMPTS}
+    print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, 2 threads")
+    print(f"{'clients':>7} {'aggregate tok/s':>16} {'vs 1 client':>12} {'greedy = alone':>15}")
+    base = None
+    for clients in args.clients:
+        seconds, results = asyncio.run(run_clients(url, clients, args.tokens))
+        rate = sum(count for _, count in results) / seconds
+        base = base or rate
+        same = all(text == alone[PROMPTS[i % len(PROMPTS)]] for i, (text, _) in enumerate(results))
+        print(f"{clients:>7} {rate:>16.1f} {rate / base:>11.2f}x {str(same):>15}")
+    server.terminate()
+    server.wait()
+
+
+async def run_clients_single(url: str, prompt: str, tokens: int) -> str:
+    async with httpx.AsyncClient(timeout=600) as http:
+        return (await stream_one(http, url, prompt, tokens))[0]
+
+
+if __name__ == "__main__":
+    main()
