@@ -89,7 +89,7 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> int | None:
         """The next token from `logits`, or None when the sequence stops here."""
-        token = sample_next(logits, torch.tensor(sorted(self.seen)), self.cfg, self.generator)
+        token = sample_next(logits.float().cpu(), torch.tensor(sorted(self.seen)), self.cfg, self.generator)
         if token in self.stops:
             self.finish_reason = "stop"
             return None

@@ -16,7 +16,7 @@ import torch
 
 from .config import NORMALIZED_KEY, ModelConfig, parse_scalar
 from .convert import CHAT_TEMPLATE_KEY, TEMPLATE_SOURCE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
-from .errors import FlmFormatError, TemplateError
+from .errors import FlmError, FlmFormatError, TemplateError
 from .families import find_family
 from .format.flm import FlmFile, read_flm, rewrite_flm
 from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
@@ -49,12 +49,15 @@ class model:  # noqa: N801 - fastllm's class name
     """A loaded .flm model."""
 
     def __init__(self, path: str | os.PathLike, id: int = -1, lora: str | None = None,  # noqa: A002
-                 reference: bool = False):
+                 reference: bool = False, device: str | None = None):
         if lora is not None:
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
+        device = str(device or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise FlmError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
         self._flm = read_flm(path)
         self.config = _config_from_kv(self._flm)
-        self.model = Transformer.from_flm(self._flm, self.config, reference=reference)
+        self.model = Transformer.from_flm(self._flm, self.config, reference=reference, device=device)
         kv = self._flm.kv
         self.model_type = self.config.model_type
         self.direct_query = False
@@ -219,4 +222,4 @@ def from_hf(model: Any, tokenizer: Any = None, pre_prompt: str | None = None, us
             os.unlink(path)
 
 
-__all__ = ["from_hf", "get_cpu_threads", "model", "set_cpu_threads", "TemplateError"]
+__all__ = ["SamplingConfig", "from_hf", "get_cpu_threads", "model", "set_cpu_threads"]

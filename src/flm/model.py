@@ -16,7 +16,7 @@ from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
 from .kernels import Linear, make_linear
-from .quant import FLOAT_DTYPES, DType
+from .quant import FLOAT_DTYPES, DType, Quantized
 from .rope import Rotary, apply_rotary
 
 
@@ -84,8 +84,9 @@ class Transformer:
 
     # ------------------------------------------------------------ loading
     @classmethod
-    def from_flm(cls, flm: FlmFile, cfg: ModelConfig, reference: bool = False) -> "Transformer":
-        """Build from a parsed file, checking every tensor against the config first."""
+    def from_flm(cls, flm: FlmFile, cfg: ModelConfig, reference: bool = False, device: str = "cpu") -> "Transformer":
+        """Build from a parsed file, checking every tensor against the config first. On a GPU the
+        weights are copied there in their file dtype and the torch kernels run on them."""
         expected = canonical_shapes(cfg)
         for name, shape in expected.items():
             rec = flm.tensors.get(name)
@@ -99,13 +100,18 @@ class Transformer:
         def weight(name: str):
             """Linear weights as stored bytes (no copy even when a name left them unaligned)."""
             rec = flm.tensors[name]
+            if device != "cpu":
+                if rec.dtype in FLOAT_DTYPES:
+                    return flm.float_tensor(rec).to(device)
+                q = flm.quantized(rec)
+                return Quantized(q.dtype, q.mins.to(device), q.maxs.to(device), q.data.to(device), q.group, q.group_cnt)
             return flm.float_tensor(rec) if rec.dtype == DType.FLOAT32 else flm.quantized(rec)
 
         def plain(name: str) -> torch.Tensor:
             rec = flm.tensors[name]
             if rec.dtype not in FLOAT_DTYPES:
                 raise FlmFormatError(flm.path, f"tensor {name} must be a float type, is {rec.dtype.name}")
-            return flm.float_tensor(rec).to(torch.float32)
+            return flm.float_tensor(rec).to(device=device, dtype=torch.float32)
 
         def linear(prefix: str, shape: tuple[int, int]) -> Linear:
             bias = plain(prefix + ".bias") if prefix + ".bias" in flm.tensors else None
@@ -123,12 +129,12 @@ class Transformer:
             ))
         embed_rec = flm.tensors["model.embed_tokens.weight"]
         if embed_rec.dtype in FLOAT_DTYPES:
-            embed = flm.float_tensor(embed_rec)
+            embed = flm.float_tensor(embed_rec).to(device)
         else:
-            embed = make_linear(flm.quantized(embed_rec), tuple(embed_rec.dims), reference=True).dense()
+            embed = make_linear(flm.quantized(embed_rec), tuple(embed_rec.dims), reference=True).dense().to(device)
         head_name = "lm_head.weight" if "lm_head.weight" in flm.tensors else "model.embed_tokens.weight"
         lm_head = make_linear(weight(head_name), (cfg.vocab_size, cfg.hidden_size), None, reference)
-        return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head)
+        return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head, device)
 
     # ------------------------------------------------------------ forward
     def new_cache(self, batch: int = 1, max_len: int | None = None, initial: int | None = None) -> KVCache:
@@ -144,8 +150,9 @@ class Transformer:
         cache.reserve(start + seq)
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"token id outside 0..{cfg.vocab_size - 1}")
+        tokens = tokens.to(self.embed.device)
         x = self.embed[tokens].to(torch.float32)
-        positions = torch.arange(start, start + seq).expand(batch, seq)
+        positions = torch.arange(start, start + seq, device=tokens.device).expand(batch, seq)
         cos, sin = self.rotary.cos_sin(positions)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         end = start + seq
@@ -178,8 +185,9 @@ class Transformer:
         batch = len(tokens)
         for cache in caches:
             cache.reserve(cache.length + 1)
-        x = self.embed[torch.tensor(tokens)].to(torch.float32).view(batch, 1, -1)
-        cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]])) for c in caches))
+        device = self.embed.device
+        x = self.embed[torch.tensor(tokens, device=device)].to(torch.float32).view(batch, 1, -1)
+        cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
         cos, sin = torch.cat(cos), torch.cat(sin)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.layers):
@@ -218,13 +226,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, gr
         v = v.repeat_interleave(groups, dim=1)
     seq, total = q.shape[2], k.shape[2]
     if window is not None and total > window:
-        rows = torch.arange(start, start + seq)[:, None]
-        cols = torch.arange(total)[None, :]
+        rows = torch.arange(start, start + seq, device=q.device)[:, None]
+        cols = torch.arange(total, device=q.device)[None, :]
         mask = (cols <= rows) & (cols > rows - window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if seq == 1:
         return F.scaled_dot_product_attention(q, k, v)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    mask = torch.ones(seq, total, dtype=torch.bool).tril(diagonal=start)
+    mask = torch.ones(seq, total, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -149,8 +149,8 @@ def quantize(w: torch.Tensor, dtype: DType, group_cnt: int = 128) -> Quantized:
 def lowbit_params(mins: torch.Tensor, maxs: torch.Tensor, bit: int, no_zero: bool):
     """fastllm LowBitConfig::Reset in float32: returns (scale, zero_point, min) per channel."""
     qmax = float((1 << bit) - 1)
-    lo = torch.minimum(mins.to(torch.float32), torch.zeros(()))
-    hi = torch.maximum(maxs.to(torch.float32), torch.zeros(()))
+    lo = torch.clamp(mins.to(torch.float32), max=0.0)
+    hi = torch.clamp(maxs.to(torch.float32), min=0.0)
     scale = (hi - lo) / qmax
     with torch.no_grad():
         initial = 0.0 - lo / scale  # float32, as in C++
@@ -166,7 +166,7 @@ def lowbit_params(mins: torch.Tensor, maxs: torch.Tensor, bit: int, no_zero: boo
 def _unpack_nibbles(data: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """fastllm packs the flat element sequence, high nibble first."""
     flat = data.reshape(-1)
-    out = torch.empty(flat.numel() * 2, dtype=torch.uint8)
+    out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=flat.device)
     out[0::2] = flat >> 4
     out[1::2] = flat & 0xF
     return out[: rows * cols].reshape(rows, cols)
@@ -191,8 +191,9 @@ def dequantize(q: Quantized, shape: tuple[int, int]) -> torch.Tensor:
         scale, _, lo = lowbit_params(q.mins, q.maxs, 4, no_zero=True)
         vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
         # fastllm pads each row to group * group_cnt; element j uses config j // group_cnt
-        col_group = torch.arange(cols) // q.group_cnt
-        idx = torch.arange(rows)[:, None] * q.group + col_group[None, :]
+        device = q.data.device
+        col_group = torch.arange(cols, device=device) // q.group_cnt
+        idx = torch.arange(rows, device=device)[:, None] * q.group + col_group[None, :]
         return lo[idx] + scale[idx] * vals
     raise UnsupportedDtypeError(f"{q.dtype.name} is not a quantized type")
 

@@ -82,7 +82,7 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [batch, seq, head_dim] for integer positions [batch, seq]."""
-        inv = self.inv_freq_for(int(positions.max()) + 1)
+        inv = self.inv_freq_for(int(positions.max()) + 1).to(positions.device)
         freqs = positions.to(torch.float32)[..., None] * inv[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scale, emb.sin() * self.scale

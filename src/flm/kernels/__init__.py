@@ -150,7 +150,7 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
         weight = data.view(FLOAT_DTYPES[weight.dtype]).reshape(shape)
     if isinstance(weight, torch.Tensor):
         return FloatLinear(weight, bias)
-    if not reference and weight.dtype == DType.INT8 and Int8Linear.applies():
+    if not reference and weight.dtype == DType.INT8 and weight.data.device.type == "cpu" and Int8Linear.applies():
         return Int8Linear(weight, shape, bias)
     return ReferenceLinear(weight, shape, bias)
 

@@ -80,7 +80,8 @@ class NativeParams:
     @staticmethod
     def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:
         n, k = shape
-        if k % 32:
+        data = weight if isinstance(weight, torch.Tensor) else weight.data
+        if k % 32 or data.device.type != "cpu":
             return False
         if isinstance(weight, torch.Tensor):
             return weight.dtype in (torch.bfloat16, torch.float16)
