@@ -1,6 +1,6 @@
 """Quantization quality on the real model: next-token agreement with the float32 .flm and
 perplexity, over the first 256 tokens of English text every Python ships (the Zen of Python
-and the json module's documentation), for every .flm dtype.
+and the json module's documentation), for every .flm dtype, with fastllm's quantizer and with `--quantizer consistent`.
 
     python bench/quant_quality.py
 """
@@ -31,10 +31,13 @@ def main() -> None:
     src = smollm2_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
-        for dtype in ("float32", "float16", "bfloat16", "int8", "int4", "int4g32", "int4g64"):
-            path = Path(tmp) / f"{dtype}.flm"
-            convert(src, path, ConvertOptions(dtype=dtype, progress=False))
-            models[dtype] = llm.model(path)
+        variants = [(d, "fastllm") for d in ("float32", "float16", "bfloat16", "int8", "int4", "int4g32", "int4g64")]
+        variants += [(d, "consistent") for d in ("int8", "int4", "int4g32", "int4g64")]
+        for dtype, quantizer in variants:
+            name = dtype if quantizer == "fastllm" else f"{dtype} consistent"
+            path = Path(tmp) / f"{dtype}-{quantizer}.flm"
+            convert(src, path, ConvertOptions(dtype=dtype, quantizer=quantizer, progress=False))
+            models[name] = llm.model(path)
         m32 = models["float32"]
         ids = m32.tokenizer.encode(english_text())[:257]
         target = torch.tensor(ids[1:])
@@ -43,12 +46,12 @@ def main() -> None:
             return m.model.forward(torch.tensor([ids[:-1]]), m.model.new_cache(1, 256), last_only=False)[0]
 
         ref = logits(m32)
-        print(f"{'dtype':<10} {'argmax agreement':>17} {'perplexity':>11}")
+        print(f"{'dtype':<20} {'argmax agreement':>17} {'perplexity':>11}")
         for dtype, m in models.items():
             out = logits(m)
             agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
             ppl = float(torch.exp(torch.nn.functional.cross_entropy(out, target)))
-            print(f"{dtype:<10} {agree:>16.1%} {ppl:>11.2f}")
+            print(f"{dtype:<20} {agree:>16.1%} {ppl:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,26 @@ def test_group_size_fallback():
     assert choose_group_size(1536, 128) == 128
     with pytest.raises(UnsupportedDtypeError):
         choose_group_size(100, 128)
+
+
+@pytest.mark.parametrize("dtype,bit,no_zero,group", [
+    (DType.INT8, 8, False, None), (DType.INT4_NOZERO, 4, True, None), (DType.INT4_GROUP, 4, True, 32),
+])
+def test_consistent_quantizer_is_read_back_on_its_grid(dtype, bit, no_zero, group):
+    """--quantizer consistent: fastllm's own reader (the scalar rendition) rebuilds the writer's
+    grid, so every value comes back within half a step."""
+    from flm.quant import lowbit_params
+
+    w = _matrix(rows=8, cols=64)
+    q = quantize(torch.from_numpy(w), dtype, group or 128, "consistent")
+    vals = q.data.numpy() if dtype == DType.INT8 else _unpacked(q, *w.shape)
+    theirs = dequant_rows(_pairs(q), vals, bit, no_zero, group)
+    np.testing.assert_array_equal(dequantize(q, w.shape).numpy(), theirs)
+    scale, _, _ = lowbit_params(q.mins, q.maxs, bit, no_zero)
+    per_element = np.repeat(scale.numpy(), group or w.shape[1]).reshape(w.shape)  # one scale per row or group
+    assert (np.abs(theirs - w) <= 0.5 * per_element * 1.001 + 1e-7).all()
+
+
+def test_unknown_quantizer():
+    with pytest.raises(UnsupportedDtypeError, match="unknown quantizer"):
+        quantize(torch.zeros(2, 32), DType.INT8, 32, "magic")

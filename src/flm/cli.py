@@ -18,7 +18,8 @@ DTYPE_HELP = ("weight type of the linear layers: float32, float16, bfloat16, int
 def _convert(args: argparse.Namespace) -> int:
     from .convert import ConvertOptions, convert
 
-    options = ConvertOptions(dtype=args.dtype, group_size=args.group_size, model_type=args.model_type,
+    options = ConvertOptions(dtype=args.dtype, group_size=args.group_size, quantizer=args.quantizer,
+                             model_type=args.model_type,
                              template=args.template, pre_prompt=args.pre_prompt, user_role=args.user_role,
                              bot_role=args.bot_role, history_sep=args.history_sep, progress=not args.quiet)
     start = time.perf_counter()
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float16", help=DTYPE_HELP + " (default: float16)")
     conv.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                       help="int4g group size; rows it does not divide use the largest of 32/64/128 that does")
+    conv.add_argument("--quantizer", choices=("fastllm", "consistent"), default="fastllm",
+                      help="fastllm: the bytes fastllm's torch2flm writes (default); consistent: ranges chosen "
+                           "so that fastllm's reader rebuilds exactly the grid the weights were rounded to "
+                           "(same format, fastllm reads it, better quality)")
     conv.add_argument("--model-type", help="override config.json's model_type (the cookbook's conf['model_type'])")
     conv.add_argument("--template", help="prompt preset name (see `flm templates`)")
     conv.add_argument("--pre-prompt", help="text before the first round")

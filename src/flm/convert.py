@@ -23,7 +23,8 @@ from .families import EMBEDDING, LINEAR, find_family
 from .format.flm import FlmWriter
 from .format.delta import DeltaSource
 from .format.hf import HFCheckpoint, TensorSource
-from .quant import DType, choose_group_size, parse_dtype
+from .errors import UnsupportedDtypeError
+from .quant import QUANTIZERS, DType, choose_group_size, parse_dtype
 from .templates import PRESETS, Template, guess_preset, preset
 from .tokenizer import FastllmVocab, fastllm_vocab_from_sentencepiece, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
 
@@ -41,6 +42,7 @@ TEMPLATE_SOURCE_KEY = "flm.template_source"
 class ConvertOptions:
     dtype: str = "float16"
     group_size: int = 128
+    quantizer: str = "fastllm"  # or "consistent" (see quant.py)
     model_type: str | None = None
     template: str | None = None
     pre_prompt: str | None = None
@@ -131,6 +133,8 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     if options.model_type:
         raw["model_type"] = options.model_type
     dtype, group_from_name = parse_dtype(options.dtype)
+    if options.quantizer not in QUANTIZERS:
+        raise UnsupportedDtypeError(f"unknown quantizer {options.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
     group_size = group_from_name or options.group_size
     family = find_family(raw)
     cfg = family.config(raw, generation_config)
@@ -188,7 +192,7 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
                     log.warning("int4g: group size %d does not divide row length %d; using %d", group_size, item.shape[1], group)
             if item.kind == EMBEDDING:
                 target = DType.FLOAT32
-            writer.write_tensor(item.name, tensor, target, group)
+            writer.write_tensor(item.name, tensor, target, group, options.quantizer)
             del tensor
     return cfg
 

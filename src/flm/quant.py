@@ -134,7 +134,66 @@ def quantize_int4_group(w: torch.Tensor, group_cnt: int) -> Quantized:
     return Quantized(DType.INT4_GROUP, mins, maxs, packed.contiguous(), group, group_cnt)
 
 
-def quantize(w: torch.Tensor, dtype: DType, group_cnt: int = 128) -> Quantized:
+# ---------------------------------------------------------------- consistent writers (opt-in)
+#
+# fastllm's reader rebuilds scale and zero point from the stored (min, max), and for fastllm's
+# own writer that rebuild differs from what the writer quantized with (int8: zero point 127 on
+# about half the rows; int4: a rescaled grid). These writers store (min, max) chosen so that the
+# unchanged reader rebuilds exactly the grid the weights were quantized on. Files stay readable
+# by fastllm; only the stored ranges (and for int4 some nibbles) differ from fastllm's writer.
+
+def quantize_int8_consistent(w: torch.Tensor) -> Quantized:
+    """fastllm's int8 bytes, with ranges (-128 s, 127 s) so that the reader's zero point is 128."""
+    q = quantize_int8(w)
+    scale = q.maxs / 127.0
+    return Quantized(DType.INT8, -128.0 * scale, 127.0 * scale, q.data)
+
+
+def _int4_rows_consistent(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 16-level grid containing zero (the only grids the reader can express) that covers the row."""
+    lo = w.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = w.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    span = hi - lo
+    zero = torch.round(-lo / torch.where(span == 0, torch.ones_like(span), span) * 15.0).clamp(0, 15)
+    up = torch.where(zero < 15, hi / (15.0 - zero).clamp(min=1.0), torch.zeros_like(hi))
+    down = torch.where(zero > 0, -lo / zero.clamp(min=1.0), torch.zeros_like(lo))
+    scale = torch.maximum(up, down)
+    flat = scale == 0
+    safe = torch.where(flat, torch.ones_like(scale), scale)
+    grid_min = -scale * zero
+    q = torch.round((w - grid_min) / safe).clamp(0, 15).to(torch.uint8)
+    q = torch.where(flat, torch.zeros_like(q), q)
+    return grid_min[:, 0], (grid_min + 15.0 * scale)[:, 0], q
+
+
+def quantize_consistent(w: torch.Tensor, dtype: DType, group_cnt: int = 128) -> Quantized:
+    w = w.to(torch.float32)
+    if dtype == DType.INT8:
+        return quantize_int8_consistent(w)
+    rows, cols = w.shape
+    if cols % 2:
+        raise UnsupportedDtypeError(f"int4 needs an even row length, got {cols}")
+    if dtype == DType.INT4_NOZERO:
+        mins, maxs, q = _int4_rows_consistent(w)
+        return Quantized(dtype, mins, maxs, _pack_nibbles(q).contiguous())
+    if dtype == DType.INT4_GROUP:
+        if cols % group_cnt:
+            raise UnsupportedDtypeError(f"group size {group_cnt} does not divide row length {cols}")
+        group = cols // group_cnt
+        mins, maxs, q = _int4_rows_consistent(w.reshape(rows * group, group_cnt))
+        return Quantized(dtype, mins, maxs, _pack_nibbles(q.reshape(rows, cols)).contiguous(), group, group_cnt)
+    raise UnsupportedDtypeError(f"{dtype.name} is not a quantized type")
+
+
+QUANTIZERS = ("fastllm", "consistent")
+
+
+def quantize(w: torch.Tensor, dtype: DType, group_cnt: int = 128, method: str = "fastllm") -> Quantized:
+    """`method` "fastllm": fastllm's torch2flm bytes exactly; "consistent": see above."""
+    if method == "consistent":
+        return quantize_consistent(w, dtype, group_cnt)
+    if method != "fastllm":
+        raise UnsupportedDtypeError(f"unknown quantizer {method!r}; choose one of {', '.join(QUANTIZERS)}")
     if dtype == DType.INT8:
         return quantize_int8(w)
     if dtype == DType.INT4_NOZERO:

@@ -389,7 +389,8 @@ class FlmWriter:
         self._tensors_left -= 1
         self._fo.write(_string(name) + _int32(len(dims)) + b"".join(_int32(d) for d in dims) + _int32(int(dtype)))
 
-    def write_tensor(self, name: str, tensor: torch.Tensor, dtype: DType, group_cnt: int = 128) -> None:
+    def write_tensor(self, name: str, tensor: torch.Tensor, dtype: DType, group_cnt: int = 128,
+                     quantizer: str = "fastllm") -> None:
         """Convert or quantize `tensor` to `dtype` block by block of rows and append it."""
         tensor = tensor.detach()
         dims = tuple(tensor.shape)
@@ -397,7 +398,7 @@ class FlmWriter:
         if dtype in FLOAT_DTYPES:
             self._write_float(tensor, FLOAT_DTYPES[dtype])
         else:
-            self._write_quantized(tensor, dtype, group_cnt)
+            self._write_quantized(tensor, dtype, group_cnt, quantizer)
 
     def _row_blocks(self, tensor: torch.Tensor) -> Iterable[torch.Tensor]:
         flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(1, -1)
@@ -411,7 +412,7 @@ class FlmWriter:
             out = block.to(torch_dtype).contiguous()
             self._fo.write(out.reshape(-1).view(torch.uint8).numpy().tobytes())
 
-    def _write_quantized(self, tensor: torch.Tensor, dtype: DType, group_cnt: int) -> None:
+    def _write_quantized(self, tensor: torch.Tensor, dtype: DType, group_cnt: int, quantizer: str) -> None:
         if tensor.dim() != 2:
             raise UnsupportedDtypeError(f"only 2-D weights can be quantized, got shape {tuple(tensor.shape)}")
         rows, cols = tensor.shape
@@ -425,7 +426,7 @@ class FlmWriter:
         fo.write(b"\0" * (8 * rows * group))  # filled in once every block is quantized
         ranges = []
         for block in self._row_blocks(tensor):
-            q = quantize(block, dtype, group_cnt)
+            q = quantize(block, dtype, group_cnt, quantizer)
             fo.write(q.data.numpy().tobytes())
             ranges.append(torch.stack([q.mins, q.maxs], dim=1))
         end = fo.tell()
