@@ -1,6 +1,7 @@
-"""The AVX-512 linear kernels (csrc/linear_avx512.cpp), compiled with torch's cpp_extension on
-first use and cached (FLM_CACHE/torch_extensions). On a CPU without AVX-512, without a C++
-compiler, or with FLM_KERNELS=reference, flm runs on the plain-PyTorch reference path."""
+"""The SIMD linear kernels (csrc/linear_simd.cpp), compiled with torch's cpp_extension on first
+use for the widest instruction set the CPU offers (AVX-512, else AVX2 with FMA and F16C) and
+cached (FLM_CACHE/torch_extensions). On a CPU with neither, without a C++ compiler, or with
+FLM_KERNELS=reference, flm runs on the plain-PyTorch reference path."""
 
 from __future__ import annotations
 
@@ -14,19 +15,31 @@ import torch
 from ..quant import DType, Quantized, lowbit_params
 
 log = logging.getLogger("flm")
-SOURCE = Path(__file__).parent / "csrc" / "linear_avx512.cpp"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+SOURCE = Path(__file__).parent / "csrc" / "linear_simd.cpp"
+# Instruction sets, widest first: (name, /proc/cpuinfo flags it needs, compiler flags).
+ISAS = (
+    ("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"),
+     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+    ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+)
 KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3}
 DECODE_ROWS = 16  # up to this many x rows the kernel reads each weight once; beyond, prefill path
 PREFILL_BLOCK = 1024  # weight rows widened to float32 at a time for prefill GEMMs
 
 
-def _cpu_has_avx512() -> bool:
+def cpu_isa() -> tuple[str, list[str]] | None:
+    """The widest instruction set of ISAS this CPU has (FLM_ISA=avx2 forces a narrower one)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"))
+        return None
+    forced = os.environ.get("FLM_ISA", "").lower()
+    for name, needs, cflags in ISAS:
+        if forced and name != forced:
+            continue
+        if all(f in flags for f in needs):
+            return name, cflags
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -34,20 +47,24 @@ def native():
     """The compiled module, or None when the fast path is unavailable (the reason is logged)."""
     if os.environ.get("FLM_KERNELS", "").lower() == "reference":
         return None
-    if not _cpu_has_avx512():
-        log.info("CPU lacks AVX-512: using the reference kernels")
+    isa = cpu_isa()
+    if isa is None:
+        log.info("CPU lacks AVX2/FMA/F16C: using the reference kernels")
         return None
+    name, cflags = isa
     from torch.utils.cpp_extension import load
 
     from ..builtin import cache_dir
 
-    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}"
+    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}"
     build.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name="flm_linear_avx512", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                    build_directory=str(build), verbose=False)
+        # -fopenmp: at::parallel_for is a header template that runs serially without it; the
+        # module then shares torch's own libgomp.so.1 (same soname, already loaded).
+        return load(name=f"flm_linear_{name}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *cflags],
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
-        log.warning("could not build the AVX-512 kernels (%s); using the reference kernels", str(exc)[:200])
+        log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])
         return None
 
 
@@ -68,7 +85,7 @@ class NativeParams:
             return
         if weight.dtype == DType.INT8:
             scale, zero, _ = lowbit_params(weight.mins, weight.maxs, 8, no_zero=False)
-            self.scale, self.shift = scale.contiguous(), (-zero * scale).contiguous()
+            self.scale, self.shift = scale.contiguous(), ((128.0 - zero) * scale).contiguous()
             self.data = weight.data.reshape(self.n, self.k)
         else:
             scale, _, lo = lowbit_params(weight.mins, weight.maxs, 4, no_zero=True)
