@@ -67,8 +67,9 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    """weight * x / sqrt(mean(x^2) + eps) in float32, as transformers' LlamaRMSNorm, in one op
+    (the six-op spelling cost more than the layer's small matmuls in decode)."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class Transformer:
@@ -221,6 +222,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, gr
                window: int | None = None) -> torch.Tensor:
     """Causal attention of new queries (positions start..) over all cached keys; with a sliding
     window, query i sees keys j with i - window < j <= i (transformers' Mistral)."""
+    if q.shape[2] == 1:
+        return _single_query_attention(q, k, v, window)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -230,9 +233,22 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, gr
         cols = torch.arange(total, device=q.device)[None, :]
         mask = (cols <= rows) & (cols > rows - window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if seq == 1:
-        return F.scaled_dot_product_attention(q, k, v)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = torch.ones(seq, total, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """One new query per sequence (decode): q [B, heads, 1, dim] over k, v [B, kv_heads, L, dim].
+    The query heads sharing a KV head are stacked as rows of one small matmul, so grouped-query
+    caches are never copied (repeat_interleave of the whole cache cost more than the layer's
+    weights on small models), and no mask is needed: a last query sees every key but those
+    beyond the sliding window."""
+    if window is not None and k.shape[2] > window:
+        k, v = k[:, :, -window:], v[:, :, -window:]
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    stacked = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(stacked, k.transpose(-1, -2)) * dim ** -0.5
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(batch, heads, 1, dim)
