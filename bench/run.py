@@ -22,51 +22,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from flm.bench import bandwidth_gbs, measure_flm, peak_rss_gb, prompt_ids  # noqa: E402
+
 FLM_DTYPES = ("float16", "bfloat16", "int8", "int4", "int4g")
 PEER_DTYPE = {"float16": ("F16", "bf16"), "bfloat16": ("F16", "bf16"), "int8": ("Q8_0", None),
               "int4": ("Q4_0", None), "int4g": ("Q4_0", None)}
 
 
-def bandwidth_gbs() -> float:
-    """Read bandwidth: torch sum over a 2 GB tensor, best of 5."""
-    import torch
-
-    x = torch.ones(512 * 1024 * 1024, dtype=torch.float32)
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def prompt_ids(vocab: int, n: int) -> list[int]:
-    return [(1000 + 37 * i) % (vocab - 100) + 50 for i in range(n)]
-
-
 # ------------------------------------------------------------------ engines (run in a child)
 
 def run_flm(path: str, prompt: int, gen: int) -> dict:
-    import torch
-
-    from flm import llm
-
-    start = time.perf_counter()
-    model = llm.model(path)
-    load_s = time.perf_counter() - start
-    ids = prompt_ids(model.config.vocab_size, prompt)
-    cache = model.model.new_cache(1, prompt + gen + 1)
-    start = time.perf_counter()
-    logits = model.model.forward(torch.tensor([ids]), cache)
-    token = int(logits[0, -1].argmax())
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(gen):
-        token = int(model.model.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
-    decode = time.perf_counter() - start
-    weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
-    return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / ttft, "decode_tps": gen / decode,
-            "weight_bytes": weight_bytes}
+    return measure_flm(path, prompt, gen).as_dict()
 
 
 def run_transformers(model_dir: str, dtype: str, prompt: int, gen: int) -> dict:
@@ -112,15 +78,6 @@ def run_llamacpp(gguf: str, prompt: int, gen: int, threads: int) -> dict:
     decode = time.perf_counter() - start
     return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / ttft, "decode_tps": gen / decode,
             "weight_bytes": os.path.getsize(gguf)}
-
-
-def peak_rss_gb() -> float:
-    """VmHWM: the peak of this process alone (ru_maxrss would include the parent's at fork)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
 
 
 def child_main(args: argparse.Namespace) -> None:

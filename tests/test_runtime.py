@@ -249,3 +249,18 @@ def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model):
     assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.99
     assert float((ours - theirs).abs().max()) <= 1e-2 * float(theirs.max() - theirs.min())  # fp16 weights
     assert cfg.vocab_size == 32000
+
+
+def test_bench_command_reports_speed(tiny_flm, capsys):
+    from flm.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", str(tiny_flm), "--prompt", "16", "--gen", "4", "--no-bandwidth", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for label in ("prefill", "decode", "time to first token", "peak RSS", "weights read"):
+        assert label in out
+    decode = float(next(line for line in out.splitlines() if line.startswith("decode")).split()[1])
+    assert decode > 0

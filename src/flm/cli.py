@@ -36,6 +36,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bandwidth_gbs, measure_flm, report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bandwidth = None if args.no_bandwidth else bandwidth_gbs()
+    result = measure_flm(args.file, args.prompt, args.gen, args.device)
+    print(f"{args.file}: {torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
+    print(report(result, bandwidth))
+    return 0
+
+
 def _templates(args: argparse.Namespace) -> int:
     from .templates import PRESETS
 
@@ -260,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     srv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     srv.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="measure prefill/decode speed, memory and bandwidth use of a .flm",
+                           description="Load FILE, prefill a fixed prompt in one pass, decode greedily, and print "
+                                       "tokens/s, time to first token, peak RSS and decode's effective weight "
+                                       "bandwidth against the measured read bandwidth. bench/run.py in the "
+                                       "repository puts transformers and llama.cpp beside it.")
+    bench.add_argument("file")
+    bench.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    bench.add_argument("--gen", type=int, default=64, help="generated tokens (default 64)")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--no-bandwidth", action="store_true", help="skip the 2 GB bandwidth measurement")
+    bench.set_defaults(func=_bench)
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)

@@ -1,0 +1,86 @@
+"""Speed figures for one .flm model: prefill and decode tokens/s, time to first token, peak RSS
+and decode's effective weight bandwidth against the machine's measured read bandwidth. Used by
+`flm bench FILE.flm` and by bench/run.py (which puts peers beside it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class SpeedResult:
+    load_s: float
+    ttft_s: float
+    prefill_tps: float
+    decode_tps: float
+    weight_bytes: int  # bytes read per decode step: every weight but the embedding table
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bandwidth_gbs(gigabytes: float = 2.0, repeats: int = 5) -> float:
+    """Read bandwidth: torch sum over a `gigabytes` float32 tensor, best of `repeats`."""
+    x = torch.ones(int(gigabytes * 1e9 / 4), dtype=torch.float32)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def peak_rss_gb() -> float:
+    """VmHWM: the peak of this process alone (ru_maxrss would include a parent's at fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return float("nan")
+
+
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    """A fixed, tokenizer-free prompt of `n` ids spread over the vocabulary."""
+    return [(1000 + 37 * i) % (vocab - 100) + 50 for i in range(n)]
+
+
+def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu") -> SpeedResult:
+    """Load `path`, prefill `prompt` tokens in one pass, then decode `gen` tokens greedily."""
+    from . import llm
+
+    start = time.perf_counter()
+    model = llm.model(path, device=device)
+    load_s = time.perf_counter() - start
+    transformer = model.model
+    ids = prompt_ids(model.config.vocab_size, prompt)
+    cache = transformer.new_cache(1, prompt + gen + 1)
+    start = time.perf_counter()
+    token = int(transformer.forward(torch.tensor([ids]), cache)[0, -1].argmax())
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(gen):
+        token = int(transformer.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
+    decode = time.perf_counter() - start
+    weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
+    return SpeedResult(load_s, ttft, prompt / ttft, gen / decode, weight_bytes)
+
+
+def report(result: SpeedResult, bandwidth: float | None) -> str:
+    """Human-readable lines for one result."""
+    gbs = result.weight_bytes * result.decode_tps / 1e9
+    lines = [
+        f"load          {result.load_s:8.2f} s",
+        f"prefill       {result.prefill_tps:8.1f} tok/s  (time to first token {result.ttft_s:.2f} s)",
+        f"decode        {result.decode_tps:8.2f} tok/s",
+        f"weights read  {gbs:8.1f} GB/s per decode step ({result.weight_bytes / 1e9:.2f} GB per token)",
+        f"peak RSS      {peak_rss_gb():8.2f} GB",
+    ]
+    if bandwidth:
+        lines.append(f"bandwidth     {bandwidth:8.1f} GB/s measured (torch sum over 2 GB): decode uses {gbs / bandwidth:.0%}")
+    return "\n".join(lines)
