@@ -1,5 +1,7 @@
 """The .flm container: fastllm-written layouts, round trips, and hostile bytes."""
 
+import os
+import stat
 import struct
 
 import numpy as np
@@ -95,6 +97,16 @@ def test_writer_is_atomic(tmp_path):
             raise RuntimeError("boom")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.flm"]  # no partial file left
+
+
+def test_written_file_has_the_umask_mode(tmp_path):
+    """The temporary file is private while written; the finished one is readable like any other."""
+    old = os.umask(0o022)
+    try:
+        _write_sample(tmp_path / "m.flm")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.flm").stat().st_mode) == 0o644
 
 
 def test_writer_refuses_missing_tensors(tmp_path):

@@ -314,6 +314,12 @@ def _string(text: str) -> bytes:
     return _int32(len(raw)) + raw
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 ROW_BLOCK_BYTES = 32 << 20  # rows converted or quantized at a time: bounds peak memory
 
 
@@ -344,6 +350,8 @@ class FlmWriter:
         try:
             if complete:
                 self._fo.flush()
+                # mkstemp makes the file private (0600); give it the mode a plain open() would
+                os.fchmod(self._fo.fileno(), 0o666 & ~_umask())
                 os.fsync(self._fo.fileno())
             self._fo.close()
             if complete:
