@@ -15,7 +15,7 @@ from .config import ModelConfig
 from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
-from .kernels import Linear, make_linear
+from .kernels import FusedLinear, Linear, make_linear
 from .quant import FLOAT_DTYPES, DType, Quantized
 from .rope import Rotary, apply_rotary
 
@@ -24,13 +24,21 @@ from .rope import Rotary, apply_rotary
 class Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: FusedLinear  # q, k and v projections, outputs side by side
     o: Linear
-    gate: Linear
-    up: Linear
+    gate_up: FusedLinear  # gate and up projections, outputs side by side
     down: Linear
+
+    def attention_inputs(self, h: torch.Tensor, cfg: ModelConfig):
+        """q, k, v of shape [batch, heads, seq, head_dim] from normalized hidden states."""
+        batch, seq, _ = h.shape
+        q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        q, k, v = self.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+        return tuple(t.reshape(batch, seq, -1, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class KVCache:
@@ -122,12 +130,11 @@ class Transformer:
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             s = {k: v for k, v in expected.items() if k.startswith(p)}
-            layers.append(Layer(
-                plain(p + "input_layernorm.weight"), plain(p + "post_attention_layernorm.weight"),
-                *(linear(p + name, s[p + name + ".weight"]) for name in (
-                    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-            ))
+            q, k, v, o, gate, up, down = (linear(p + name, s[p + name + ".weight"]) for name in (
+                "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+            layers.append(Layer(plain(p + "input_layernorm.weight"), plain(p + "post_attention_layernorm.weight"),
+                                FusedLinear([q, k, v]), o, FusedLinear([gate, up]), down))
         embed_rec = flm.tensors["model.embed_tokens.weight"]
         if embed_rec.dtype in FLOAT_DTYPES:
             embed = flm.float_tensor(embed_rec).to(device)
@@ -158,10 +165,7 @@ class Transformer:
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         end = start + seq
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            q = layer.q(h).view(batch, seq, heads, dim).transpose(1, 2)
-            k = layer.k(h).view(batch, seq, kv_heads, dim).transpose(1, 2)
-            v = layer.v(h).view(batch, seq, kv_heads, dim).transpose(1, 2)
+            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
             cache.keys[i][:, :, start:end] = k
@@ -170,8 +174,7 @@ class Transformer:
             values = cache.values[i][:, :, :end]
             attn = _attention(q, keys, values, start, heads // kv_heads, cfg.sliding_window)
             x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, heads * dim))
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
         cache.length = end
         if last_only:
             x = x[:, -1:]
@@ -192,14 +195,11 @@ class Transformer:
         cos, sin = torch.cat(cos), torch.cat(sin)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            q = apply_rotary(layer.q(h).view(batch, 1, heads, dim).transpose(1, 2), cos, sin)
-            k = apply_rotary(layer.k(h).view(batch, 1, kv_heads, dim).transpose(1, 2), cos, sin)
-            v = layer.v(h).view(batch, 1, kv_heads, dim).transpose(1, 2)
+            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             attn = _decode_attention(i, q, k, v, caches, heads // kv_heads, cfg.sliding_window)
             x = x + layer.o(attn.transpose(1, 2).reshape(batch, 1, heads * dim))
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]

@@ -120,12 +120,12 @@ class NativeLinear(Linear):
         self.bias = None if bias is None else bias.to(torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .native import DECODE_ROWS, PREFILL_BLOCK
+        from .native import DECODE_ROWS, PREFILL_BLOCK, linear_many
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
         if flat.shape[0] <= DECODE_ROWS:
-            y = self.params.linear(flat)
+            y = linear_many(flat, [self.params])
         else:
             y = torch.cat([F.linear(flat, self.params.rows(s, min(s + PREFILL_BLOCK, self.out_features)))
                            for s in range(0, self.out_features, PREFILL_BLOCK)], dim=-1)
@@ -134,6 +134,38 @@ class NativeLinear(Linear):
 
     def dense(self) -> torch.Tensor:
         return self.params.rows(0, self.out_features)
+
+
+class FusedLinear(Linear):
+    """Linears that read the same input (q/k/v, gate/up) as one, outputs side by side. With the
+    SIMD kernels a decode step computes all parts in one call (one parallel region instead of
+    one per weight); otherwise, and for prefill, each part runs as it would alone."""
+
+    def __init__(self, parts: list[Linear]):
+        from .native import DECODE_ROWS
+
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.decode_rows = DECODE_ROWS
+        params = [p.params for p in parts if isinstance(p, NativeLinear)]
+        self.native = params if len(params) == len(parts) and all(p.compatible(params[0]) for p in params) else None
+        biases = [p.bias for p in parts]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(p.out_features) if b is None else b for p, b in zip(parts, biases)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.native is None or flat.shape[0] > self.decode_rows:
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        from .native import linear_many
+
+        y = linear_many(flat.contiguous(), self.native).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts])
 
 
 def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,
@@ -155,4 +187,4 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
     return ReferenceLinear(weight, shape, bias)
 
 
-__all__ = ["FLOAT_DTYPES", "FloatLinear", "Int8Linear", "Linear", "NativeLinear", "ReferenceLinear", "make_linear"]
+__all__ = ["FLOAT_DTYPES", "FloatLinear", "FusedLinear", "Int8Linear", "Linear", "NativeLinear", "ReferenceLinear", "make_linear"]

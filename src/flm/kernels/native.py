@@ -108,10 +108,18 @@ class NativeParams:
             return weight.group_cnt % 32 == 0 and weight.group * weight.group_cnt == k
         return weight.dtype in (DType.INT8, DType.INT4_NOZERO)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return native().linear(x, self.kind, self.data, self.scale, self.shift, self.group, self.groups_per_row,
-                               self.n, self.k)
+    def compatible(self, other: "NativeParams") -> bool:
+        """Whether one kernel call can compute both (same kind, K and group layout)."""
+        return (self.kind, self.k, self.group, self.groups_per_row) == (other.kind, other.k, other.group,
+                                                                       other.groups_per_row)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return native().dequantize_rows(self.kind, self.data, self.scale, self.shift, self.group,
                                         self.groups_per_row, start, stop, self.k)
+
+
+def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
+    """[x W1^T | x W2^T | ...] for float32 x [M, K] in one kernel call (parts must be compatible)."""
+    first = parts[0]
+    return native().linear(x, first.kind, [p.data for p in parts], [p.scale for p in parts],
+                           [p.shift for p in parts], first.group, first.groups_per_row, [p.n for p in parts], first.k)

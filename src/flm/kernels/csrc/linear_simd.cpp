@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -242,15 +243,27 @@ torch::Tensor deinterleave(const torch::Tensor &x) {
     return blocks.transpose(2, 3).contiguous().reshape({m, k});
 }
 
-// x: [M, K] float32 contiguous; returns [M, N] float32.
-torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift,
-                     int64_t group, int64_t groups_per_row, int64_t n_out, int64_t k_in) {
+// x: [M, K] float32 contiguous times several weights of one kind, group layout and K (e.g. q,
+// k and v): returns [M, sum of their N] float32, the outputs side by side. One call and one
+// parallel region instead of one per weight.
+torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+                     std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
+                     std::vector<int64_t> n_outs, int64_t k_in) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k_in,
                 "x must be contiguous float32 [M, K]");
     TORCH_CHECK(k_in % 32 == 0, "K must be a multiple of 32");
-    Params p = params(kind, w, scale, shift, group, groups_per_row);
-    const int64_t M = x.size(0);
-    auto y = torch::empty({M, n_out}, x.options());
+    const size_t parts = ws.size();
+    TORCH_CHECK(parts > 0 && scales.size() == parts && shifts.size() == parts && n_outs.size() == parts,
+                "one scale, shift and output size per weight");
+    std::vector<Params> ps;
+    std::vector<int64_t> offsets(parts + 1, 0);
+    for (size_t j = 0; j < parts; ++j) {
+        TORCH_CHECK(ws[j].size(0) == n_outs[j], "weight rows must match the output size");
+        ps.push_back(params(kind, ws[j], scales[j], shifts[j], group, groups_per_row));
+        offsets[j + 1] = offsets[j] + n_outs[j];
+    }
+    const int64_t M = x.size(0), n_total = offsets[parts];
+    auto y = torch::empty({M, n_total}, x.options());
     torch::Tensor xin = kind == 3 ? deinterleave(x) : x;
     // sum of x over each quantization group (int8: the whole row), for the shift term
     torch::Tensor xsum = kind == 2 ? x.sum(1) : kind == 3 ? x.view({M, groups_per_row, group}).sum(2).contiguous()
@@ -258,16 +271,21 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor w, torch::Tens
     const float *xs = xin.data_ptr<float>(), *sums = xsum.data_ptr<float>();
     const int64_t sum_stride = kind == 3 ? groups_per_row : 1;
     float *ys = y.data_ptr<float>();
-    at::parallel_for(0, n_out, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t mb = std::min<int64_t>(MB, M - m0);
             const float *xm = xs + m0 * k_in, *xsm = sums + m0 * sum_stride;
-            float *ym = ys + m0 * n_out;
-            switch (kind) {
-            case 0: rows_for<0>(p, begin, end, xm, xsm, k_in, mb, ym, n_out); break;
-            case 1: rows_for<1>(p, begin, end, xm, xsm, k_in, mb, ym, n_out); break;
-            case 2: rows_for<2>(p, begin, end, xm, xsm, k_in, mb, ym, n_out); break;
-            default: rows_for<3>(p, begin, end, xm, xsm, k_in, mb, ym, n_out);
+            for (size_t j = 0; j < parts; ++j) {
+                const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
+                const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
+                if (lo >= hi) continue;
+                float *ym = ys + m0 * n_total + offsets[j];
+                switch (kind) {
+                case 0: rows_for<0>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
+                case 1: rows_for<1>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
+                case 2: rows_for<2>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
+                default: rows_for<3>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total);
+                }
             }
         }
     });
@@ -288,6 +306,6 @@ torch::Tensor dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("linear", &linear, "y = x W^T with W in its storage type");
+    m.def("linear", &linear, "[x W1^T | x W2^T | ...] with each W in its storage type");
     m.def("dequantize_rows", &dequantize_rows, "rows of W as float32");
 }
