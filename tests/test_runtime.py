@@ -260,7 +260,7 @@ def test_bench_command_reports_speed(tiny_flm, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for label in ("prefill", "decode", "time to first token", "peak RSS", "weights read"):
+    for label in ("prefill", "decode", "time to first token", "peak RSS", "weights read", "peak while loading"):
         assert label in out
     decode = float(next(line for line in out.splitlines() if line.startswith("decode")).split()[1])
     assert decode > 0

@@ -4,6 +4,7 @@ and decode's effective weight bandwidth against the machine's measured read band
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -17,6 +18,12 @@ class SpeedResult:
     prefill_tps: float
     decode_tps: float
     weight_bytes: int  # bytes read per decode step: every weight but the embedding table
+    file_bytes: int
+    baseline_rss_gb: float  # resident before loading: the interpreter with torch imported
+    load_peak_rss_gb: float  # process peak right after loading (interpreter and torch included)
+    first_token_rss_gb: float  # resident right after the first token (prefill done)
+    kv_cache_bytes: int
+    peak_rss_gb: float  # process peak over the whole run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -33,16 +40,24 @@ def bandwidth_gbs(gigabytes: float = 2.0, repeats: int = 5) -> float:
     return best
 
 
-def peak_rss_gb() -> float:
-    """VmHWM: the peak of this process alone (ru_maxrss would include a parent's at fork)."""
+def _status_gb(field: str) -> float:
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1e6
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
     return float("nan")
+
+
+def peak_rss_gb() -> float:
+    """VmHWM: the peak of this process alone (ru_maxrss would include a parent's at fork)."""
+    return _status_gb("VmHWM")
+
+
+def rss_gb() -> float:
+    return _status_gb("VmRSS")
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -54,32 +69,43 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     """Load `path`, prefill `prompt` tokens in one pass, then decode `gen` tokens greedily."""
     from . import llm
 
+    baseline = rss_gb()
     start = time.perf_counter()
     model = llm.model(path, device=device)
     load_s = time.perf_counter() - start
+    load_peak = peak_rss_gb()
     transformer = model.model
     ids = prompt_ids(model.config.vocab_size, prompt)
     cache = transformer.new_cache(1, prompt + gen + 1)
     start = time.perf_counter()
     token = int(transformer.forward(torch.tensor([ids]), cache)[0, -1].argmax())
     ttft = time.perf_counter() - start
+    first_token_rss = rss_gb()
     start = time.perf_counter()
     for _ in range(gen):
         token = int(transformer.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
     decode = time.perf_counter() - start
     weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
-    return SpeedResult(load_s, ttft, prompt / ttft, gen / decode, weight_bytes)
+    return SpeedResult(load_s, ttft, prompt / ttft, gen / decode, weight_bytes, os.path.getsize(path), baseline, load_peak,
+                       first_token_rss, cache.nbytes, peak_rss_gb())
 
 
 def report(result: SpeedResult, bandwidth: float | None) -> str:
     """Human-readable lines for one result."""
     gbs = result.weight_bytes * result.decode_tps / 1e9
+    file_gb = result.file_bytes / 1e9
+    above_load = result.load_peak_rss_gb - result.baseline_rss_gb
+    above_first = result.first_token_rss_gb - result.baseline_rss_gb
     lines = [
         f"load          {result.load_s:8.2f} s",
         f"prefill       {result.prefill_tps:8.1f} tok/s  (time to first token {result.ttft_s:.2f} s)",
         f"decode        {result.decode_tps:8.2f} tok/s",
         f"weights read  {gbs:8.1f} GB/s per decode step ({result.weight_bytes / 1e9:.2f} GB per token)",
-        f"peak RSS      {peak_rss_gb():8.2f} GB",
+        f"peak RSS      {result.peak_rss_gb:8.2f} GB",
+        f"memory        {result.baseline_rss_gb:8.2f} GB before loading (interpreter, torch); above it: "
+        f"{above_load:.2f} GB peak while loading ({above_load / file_gb:.2f} x the {file_gb:.2f} GB file), "
+        f"{above_first:.2f} GB after the first token ({above_first / file_gb:.2f} x; KV cache "
+        f"{result.kv_cache_bytes / 1e9:.3f} GB)",
     ]
     if bandwidth:
         lines.append(f"bandwidth     {bandwidth:8.1f} GB/s measured (torch sum over 2 GB): decode uses {gbs / bandwidth:.0%}")

@@ -43,8 +43,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bandwidth = None if args.no_bandwidth else bandwidth_gbs()
     result = measure_flm(args.file, args.prompt, args.gen, args.device)
+    bandwidth = None if args.no_bandwidth else bandwidth_gbs()  # after: its 2 GB buffer would mask the peak RSS
     print(f"{args.file}: {torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
     print(report(result, bandwidth))
     return 0
