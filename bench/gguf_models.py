@@ -48,8 +48,10 @@ def gguf_for(model_dir: Path, kind: str, out_dir: Path) -> Path:
     if not f16.exists():
         tools = _llama_cpp_tools(out_dir.parent / "llama-cpp-tools")
         env = {**os.environ, "PYTHONPATH": str(tools / "gguf-py")}
-        subprocess.run([sys.executable, str(tools / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16",
-                        "--outfile", str(f16) + ".partial"], check=True, env=env, capture_output=True)
+        done = subprocess.run([sys.executable, str(tools / "convert_hf_to_gguf.py"), str(model_dir), "--outtype",
+                               "f16", "--outfile", str(f16) + ".partial"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. LLaMA vocabularies need `pip install sentencepiece`
+            raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed: {done.stderr.strip()[-300:]}")
         os.replace(str(f16) + ".partial", f16)
     if kind == "F16":
         return f16

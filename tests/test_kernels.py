@@ -60,3 +60,23 @@ def test_native_reads_16bit_bytes_at_odd_addresses():
     lin = make_linear(q, (64, 96))
     x = torch.randn(3, 96)
     torch.testing.assert_close(lin(x), x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["float16", "int8", "int4g32"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_fused_linear_equals_its_parts(name, rows):
+    """q/k/v and gate/up run as one call in decode: same outputs, side by side, biases included."""
+    from flm.kernels import FusedLinear
+
+    torch.manual_seed(rows)
+    sizes = (96, 32, 32)
+    parts = []
+    for i, out_features in enumerate(sizes):
+        weight, _ = _weights(name, torch.randn(out_features, 128) * 0.05)
+        parts.append(make_linear(weight, (out_features, 128), torch.randn(out_features) if i == 0 else None))
+    fused = FusedLinear(parts)
+    x = torch.randn(2, rows, 128)
+    expected = torch.cat([p(x) for p in parts], dim=-1)
+    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+    assert fused.out_features == sum(sizes)
+    assert (fused.native is not None) == (cpu_isa() is not None)

@@ -24,7 +24,7 @@ ISAS = (
 )
 KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3}
 DECODE_ROWS = 16  # up to this many x rows the kernel reads each weight once; beyond, prefill path
-PREFILL_BLOCK = 1024  # weight rows widened to float32 at a time for prefill GEMMs
+PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 
 
 def cpu_isa() -> tuple[str, list[str]] | None:

@@ -18,7 +18,7 @@
 
 namespace {
 
-constexpr int MB = 8;  // x rows per pass over the weights
+constexpr int MB = 4;  // x rows per pass over a weight tile
 
 struct Params {
     int kind;
@@ -139,16 +139,17 @@ Params params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, 
     return p;
 }
 
-// One tile: NR weight rows from n against up to MR x rows (mb <= MR), written to
-// out[i * n_out + r]. NR * MR independent accumulators keep the FMA units busy even for a
-// single x row (one accumulator per output would wait on FMA latency every step).
+// One tile: NR weight rows from n against MR x rows, written to out[i * n_out + r]. Both are
+// compile-time so that the NR x MR accumulators live in registers; several independent ones
+// keep the FMA units busy even for a single x row (one would wait on FMA latency every step).
 // Quantized kinds multiply the integer codes with x and apply each row's (or group's) scale
 // once at the end: y = scale * sum(q x) + shift * sum(x), with sum(x) per group in `xsum`
-// [mb, K / group]. int4 codes go 32 at a time against x whose 32-blocks were reordered
-// evens-then-odds (`deinterleave`): the high nibbles pair with the even elements.
+// [MR, K / group] (int4 with more than two x rows widens the weights instead, see below).
+// int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
+// (`deinterleave`): the high nibbles pair with the even elements.
 template <int KIND, int NR, int MR>
-inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, int64_t mb,
-                 float *out, int64_t n_out) {
+inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, float *out,
+                 int64_t n_out) {
     vec acc[NR][MR];
     float offset[NR][MR] = {};
     for (int r = 0; r < NR; ++r)
@@ -158,7 +159,29 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
     const int64_t ahead = NR * p.row_bytes;
-    if (KIND == 3) {
+    if constexpr (KIND == 3 && MR > 2) {
+        // Many x rows share each weight: widen it once (w = lo + scale * q) and accumulate
+        // directly; a second accumulator set per group would not fit in the registers.
+        for (int64_t k = 0; k < k_in; k += 32) {
+            if ((k / 2) % 64 == 0)
+                for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
+            for (int r = 0; r < NR; ++r) {
+                const int64_t pg = (n + r) * p.groups_per_row + k / p.group;
+                const vec s = vset(p.scale[pg]), lo = vset(p.shift[pg]);
+                for (int h = 0; h < HALF; ++h) {
+                    vec even, odd;
+                    load_u4_half(rows[r] + k / 2, h, even, odd);
+                    even = vfma(even, s, lo);
+                    odd = vfma(odd, s, lo);
+                    for (int i = 0; i < MR; ++i) {
+                        const float *xb = xm + i * k_in + k + h * W;
+                        acc[r][i] = vfma(even, vload(xb), acc[r][i]);
+                        acc[r][i] = vfma(odd, vload(xb + 16), acc[r][i]);
+                    }
+                }
+            }
+        }
+    } else if constexpr (KIND == 3) {
         const int64_t groups = p.groups_per_row;
         for (int64_t g = 0; g < groups; ++g) {
             vec part[NR][MR];
@@ -172,8 +195,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
                         vec even, odd;
                         load_u4_half(rows[r] + k / 2, h, even, odd);
                         for (int i = 0; i < MR; ++i) {
-                            if (i >= mb) break;
-                            const float *xb = xm + i * k_in + k + h * W;
+                                const float *xb = xm + i * k_in + k + h * W;
                             part[r][i] = vfma(even, vload(xb), part[r][i]);
                             part[r][i] = vfma(odd, vload(xb + 16), part[r][i]);
                         }
@@ -184,7 +206,6 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
                 const int64_t pg = (n + r) * groups + g;
                 const vec s = vset(p.scale[pg]);
                 for (int i = 0; i < MR; ++i) {
-                    if (i >= mb) break;
                     acc[r][i] = vfma(part[r][i], s, acc[r][i]);
                     offset[r][i] += p.shift[pg] * xsum[i * groups + g];
                 }
@@ -199,14 +220,13 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
                 vec wv = KIND == 0 ? load_bf16(rows[r] + 2 * k) : KIND == 1 ? load_fp16(rows[r] + 2 * k)
                                                                             : load_q8(rows[r] + k);
                 for (int i = 0; i < MR; ++i) {
-                    if (i >= mb) break;
                     acc[r][i] = vfma(wv, vload(xm + i * k_in + k), acc[r][i]);
                 }
             }
         }
     }
     for (int r = 0; r < NR; ++r) {
-        for (int i = 0; i < MR && i < mb; ++i) {
+        for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
             if (KIND == 2) y = y * p.scale[n + r] + p.shift[n + r] * xsum[i];
             if (KIND == 3) y += offset[r][i];
@@ -215,24 +235,33 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
     }
 }
 
-// Rows [begin, end) of W against x rows m0 .. m0 + mb - 1, in tiles of NR rows.
-template <int KIND, int NR, int MR>
-void row_range(const Params &p, int64_t begin, int64_t end, const float *xm, const float *xsum, int64_t k_in,
-               int64_t mb, float *ym, int64_t n_out) {
-    int64_t n = begin;
-    for (; n + NR <= end; n += NR) tile<KIND, NR, MR>(p, n, xm, xsum, k_in, mb, ym + n, n_out);
-    for (; n < end; ++n) tile<KIND, 1, MR>(p, n, xm, xsum, k_in, mb, ym + n, n_out);
+// NR weight rows from n against all M x rows, MB at a time: the weight tile is read from
+// memory once and from L1 for the further x rows.
+template <int KIND, int NR>
+inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const float *xs, const float *sums,
+                          int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const float *xm = xs + m0 * k_in, *xsm = sums + m0 * sum_stride;
+        float *out = ys + m0 * n_out + n;
+        switch (std::min<int64_t>(MB, M - m0)) {
+        case 1: tile<KIND, NR, 1>(p, n, xm, xsm, k_in, out, n_out); break;
+        case 2: tile<KIND, NR, 2>(p, n, xm, xsm, k_in, out, n_out); break;
+        case 3: tile<KIND, NR, 3>(p, n, xm, xsm, k_in, out, n_out); break;
+        default: tile<KIND, NR, MB>(p, n, xm, xsm, k_in, out, n_out);
+        }
+    }
 }
 
-// Tile shapes by the number of x rows: four weight rows at a time for decode, more x rows
-// sharing each weight load for batches.
+// Rows [begin, end) of W against all M x rows: four weight rows at a time for a single x row
+// (decode), two for batches, whose x rows then share each weight load.
 template <int KIND>
-void rows_for(const Params &p, int64_t begin, int64_t end, const float *xm, const float *xsum, int64_t k_in,
-              int64_t mb, float *ym, int64_t n_out) {
-    if (mb == 1) row_range<KIND, 4, 1>(p, begin, end, xm, xsum, k_in, mb, ym, n_out);
-    else if (mb == 2) row_range<KIND, 2, 2>(p, begin, end, xm, xsum, k_in, mb, ym, n_out);
-    else if (mb <= 4) row_range<KIND, 1, 4>(p, begin, end, xm, xsum, k_in, mb, ym, n_out);
-    else row_range<KIND, 1, MB>(p, begin, end, xm, xsum, k_in, mb, ym, n_out);
+void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const float *xs, const float *sums,
+              int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
+    int64_t n = begin;
+    if (M == 1)
+        for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
+    for (; n + 2 <= end; n += 2) tile_all_rows<KIND, 2>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
+    for (; n < end; ++n) tile_all_rows<KIND, 1>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
 }
 
 }  // namespace
@@ -272,20 +301,16 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
     const int64_t sum_stride = kind == 3 ? groups_per_row : 1;
     float *ys = y.data_ptr<float>();
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t mb = std::min<int64_t>(MB, M - m0);
-            const float *xm = xs + m0 * k_in, *xsm = sums + m0 * sum_stride;
-            for (size_t j = 0; j < parts; ++j) {
-                const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
-                const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
-                if (lo >= hi) continue;
-                float *ym = ys + m0 * n_total + offsets[j];
-                switch (kind) {
-                case 0: rows_for<0>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
-                case 1: rows_for<1>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
-                case 2: rows_for<2>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total); break;
-                default: rows_for<3>(ps[j], lo, hi, xm, xsm, k_in, mb, ym, n_total);
-                }
+        for (size_t j = 0; j < parts; ++j) {
+            const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
+            const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
+            if (lo >= hi) continue;
+            float *yj = ys + offsets[j];
+            switch (kind) {
+            case 0: rows_for<0>(ps[j], lo, hi, M, xs, sums, sum_stride, k_in, yj, n_total); break;
+            case 1: rows_for<1>(ps[j], lo, hi, M, xs, sums, sum_stride, k_in, yj, n_total); break;
+            case 2: rows_for<2>(ps[j], lo, hi, M, xs, sums, sum_stride, k_in, yj, n_total); break;
+            default: rows_for<3>(ps[j], lo, hi, M, xs, sums, sum_stride, k_in, yj, n_total);
             }
         }
     });
