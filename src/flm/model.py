@@ -74,6 +74,27 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
+class EmbeddingTable:
+    """Token rows looked up where the table lies. A float table is kept as its stored bytes, one
+    row of bytes per token: a file offset not aligned to the element size (any odd-length name
+    before it) would otherwise force a copy of the whole table (262 MB for 32000 x 2048 float32),
+    while a gathered row is aligned and viewed as floats for free."""
+
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype):
+        self.rows = rows  # [vocab, hidden * itemsize] uint8, or [vocab, hidden] float32
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        picked = self.rows[tokens]
+        if picked.dtype == torch.uint8:
+            picked = picked.view(self.dtype)
+        return picked.to(torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps) in float32, as transformers' LlamaRMSNorm, in one op
     (the six-op spelling cost more than the layer's small matmuls in decode)."""
@@ -81,7 +102,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[Layer], norm: torch.Tensor,
+    def __init__(self, cfg: ModelConfig, embed: EmbeddingTable, layers: list[Layer], norm: torch.Tensor,
                  lm_head: Linear, device: str = "cpu"):
         self.cfg = cfg
         self.embed = embed
@@ -137,9 +158,11 @@ class Transformer:
                                 FusedLinear([q, k, v]), o, FusedLinear([gate, up]), down))
         embed_rec = flm.tensors["model.embed_tokens.weight"]
         if embed_rec.dtype in FLOAT_DTYPES:
-            embed = flm.float_tensor(embed_rec).to(device)
+            embed = EmbeddingTable(flm.raw(embed_rec).reshape(embed_rec.dims[0], -1).to(device),
+                                   FLOAT_DTYPES[embed_rec.dtype])
         else:
-            embed = make_linear(flm.quantized(embed_rec), tuple(embed_rec.dims), reference=True).dense().to(device)
+            embed = EmbeddingTable(make_linear(flm.quantized(embed_rec), tuple(embed_rec.dims), reference=True)
+                                   .dense().to(device), torch.float32)
         head_name = "lm_head.weight" if "lm_head.weight" in flm.tensors else "model.embed_tokens.weight"
         lm_head = make_linear(weight(head_name), (cfg.vocab_size, cfg.hidden_size), None, reference)
         return cls(cfg, embed, layers, plain("model.norm.weight"), lm_head, device)
@@ -159,7 +182,7 @@ class Transformer:
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"token id outside 0..{cfg.vocab_size - 1}")
         tokens = tokens.to(self.embed.device)
-        x = self.embed[tokens].to(torch.float32)
+        x = self.embed(tokens)
         positions = torch.arange(start, start + seq, device=tokens.device).expand(batch, seq)
         cos, sin = self.rotary.cos_sin(positions)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -190,7 +213,7 @@ class Transformer:
         for cache in caches:
             cache.reserve(cache.length + 1)
         device = self.embed.device
-        x = self.embed[torch.tensor(tokens, device=device)].to(torch.float32).view(batch, 1, -1)
+        x = self.embed(torch.tensor(tokens, device=device)).view(batch, 1, -1)
         cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
         cos, sin = torch.cat(cos), torch.cat(sin)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
