@@ -150,9 +150,9 @@ class FusedLinear(Linear):
         self.decode_rows = DECODE_ROWS
         params = [p.params for p in parts if isinstance(p, NativeLinear)]
         self.native = params if len(params) == len(parts) and all(p.compatible(params[0]) for p in params) else None
-        biases = [p.bias for p in parts]
-        self.bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(p.out_features) if b is None else b for p, b in zip(parts, biases)])
+        given = [p.bias for p in parts if p.bias is not None]
+        self.bias = torch.cat([given[0].new_zeros(p.out_features) if p.bias is None else p.bias
+                               for p in parts]) if given else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
