@@ -86,8 +86,10 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
         token = int(transformer.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
     decode = time.perf_counter() - start
     weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
-    return SpeedResult(load_s, ttft, prompt / ttft, gen / decode, weight_bytes, os.path.getsize(path), baseline, load_peak,
-                       first_token_rss, cache.nbytes, peak_rss_gb())
+    return SpeedResult(load_s=load_s, ttft_s=ttft, prefill_tps=prompt / ttft, decode_tps=gen / decode,
+                       weight_bytes=weight_bytes, file_bytes=os.path.getsize(path), baseline_rss_gb=baseline,
+                       load_peak_rss_gb=load_peak, first_token_rss_gb=first_token_rss,
+                       kv_cache_bytes=cache.nbytes, peak_rss_gb=peak_rss_gb())
 
 
 def report(result: SpeedResult, bandwidth: float | None) -> str:
