@@ -16,6 +16,7 @@ from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
 from .kernels import FusedLinear, Linear, make_linear
+from .kernels.decode import build_decode_step
 from .quant import FLOAT_DTYPES, DType, Quantized
 from .rope import Rotary, apply_rotary
 
@@ -52,8 +53,16 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # tokens stored (same for every sequence in this simple cache)
+        self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     INITIAL = 512
+
+    def sequence_views(self, b: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer [kv_heads, capacity, head_dim] views of sequence b's keys and values (what
+        the C++ decode step writes to); made once per growth, not per token."""
+        if b not in self._views:
+            self._views[b] = ([k[b] for k in self.keys], [v[b] for v in self.values])
+        return self._views[b]
 
     def reserve(self, needed: int) -> None:
         """Grow (doubling, up to max_len) so that `needed` tokens fit."""
@@ -68,6 +77,7 @@ class KVCache:
                 grown[:, :, : self.length] = old[:, :, : self.length]
                 store[i] = grown
         self.capacity = new_capacity
+        self._views.clear()
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +121,8 @@ class Transformer:
         self.lm_head = lm_head
         self.rotary = Rotary(cfg)
         self.device = device
+        # one-token steps in one C++ call when every layer is on the SIMD kernels (else None)
+        self.decode_step = build_decode_step(cfg, layers)
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -185,6 +197,11 @@ class Transformer:
         x = self.embed(tokens)
         positions = torch.arange(start, start + seq, device=tokens.device).expand(batch, seq)
         cos, sin = self.rotary.cos_sin(positions)
+        if seq == 1 and self.decode_step is not None:
+            views = [cache.sequence_views(b) for b in range(batch)]
+            x = self._one_token_step(x, views, [start] * batch, cos, sin)
+            cache.length = start + 1
+            return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         end = start + seq
         for i, layer in enumerate(self.layers):
@@ -216,6 +233,11 @@ class Transformer:
         x = self.embed(torch.tensor(tokens, device=device)).view(batch, 1, -1)
         cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
         cos, sin = torch.cat(cos), torch.cat(sin)
+        if self.decode_step is not None:
+            x = self._one_token_step(x, [c.sequence_views(0) for c in caches], [c.length for c in caches], cos, sin)
+            for cache in caches:
+                cache.length += 1
+            return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         for i, layer in enumerate(self.layers):
             q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
@@ -226,6 +248,17 @@ class Transformer:
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
+
+
+    def _one_token_step(self, x: torch.Tensor, views: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                        positions: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every layer for one token per sequence in the C++ step: x [B, 1, hidden] -> same shape."""
+        batch, _, hidden = x.shape
+        keys = [k for seq_keys, _ in views for k in seq_keys]
+        values = [v for _, seq_values in views for v in seq_values]
+        out = self.decode_step(x.reshape(batch, hidden).contiguous(), keys, values, positions,
+                               cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous())
+        return out.view(batch, 1, hidden)
 
 
 def _decode_attention(layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

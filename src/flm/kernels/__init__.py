@@ -108,7 +108,7 @@ class Int8Linear(Linear):
 
 
 class NativeLinear(Linear):
-    """bf16/fp16/int8/int4 weights through the AVX-512 kernel: float32 activations and
+    """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations and
     accumulation (decode reads each weight once); prefill widens blocks of rows to float32 for
     torch's GEMM. The weight bytes are used in place (memory-mapped from the file)."""
 
@@ -126,6 +126,8 @@ class NativeLinear(Linear):
         flat = x.reshape(-1, shape[-1]).contiguous()
         if flat.shape[0] <= DECODE_ROWS:
             y = linear_many(flat, [self.params])
+        elif self.params.data.dtype == torch.float32:
+            y = F.linear(flat, self.params.data)
         else:
             y = torch.cat([F.linear(flat, self.params.rows(s, min(s + PREFILL_BLOCK, self.out_features)))
                            for s in range(0, self.out_features, PREFILL_BLOCK)], dim=-1)

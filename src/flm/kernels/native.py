@@ -1,10 +1,12 @@
-"""The SIMD linear kernels (csrc/linear_simd.cpp), compiled with torch's cpp_extension on first
-use for the widest instruction set the CPU offers (AVX-512, else AVX2 with FMA and F16C) and
-cached (FLM_CACHE/torch_extensions). On a CPU with neither, without a C++ compiler, or with
-FLM_KERNELS=reference, flm runs on the plain-PyTorch reference path."""
+"""The SIMD kernels (csrc/: linear layers and the one-call decode step), compiled with torch's
+cpp_extension on first use for the widest instruction set the CPU offers (AVX-512, else AVX2
+with FMA and F16C) and cached (FLM_CACHE/torch_extensions, keyed by a hash of the sources). On a
+CPU with neither, without a C++ compiler, or with FLM_KERNELS=reference, flm runs on the
+plain-PyTorch reference path."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import lru_cache
@@ -15,14 +17,17 @@ import torch
 from ..quant import DType, Quantized, lowbit_params
 
 log = logging.getLogger("flm")
-SOURCE = Path(__file__).parent / "csrc" / "linear_simd.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("linear_simd.cpp", "decode_step.cpp", "bindings.cpp")]
 # Instruction sets, widest first: (name, /proc/cpuinfo flags it needs, compiler flags).
 ISAS = (
     ("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"),
      ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 )
-KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3}
+KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3,
+        DType.FLOAT32: 4}
+TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 DECODE_ROWS = 16  # up to this many x rows the kernel reads each weight once; beyond, prefill path
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 
@@ -56,14 +61,15 @@ def native():
 
     from ..builtin import cache_dir
 
-    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()[:10]
+    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         log.info("compiling the %s kernels once (about a minute; cached in %s)", name, build)
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
-        return load(name=f"flm_linear_{name}", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *cflags],
+        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-fopenmp", *cflags],
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
         log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])
@@ -78,7 +84,7 @@ class NativeParams:
         empty = torch.empty(0)
         self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
         if isinstance(weight, torch.Tensor):
-            self.kind = KIND[DType.BFLOAT16 if weight.dtype == torch.bfloat16 else DType.FLOAT16]
+            self.kind = TORCH_KIND[weight.dtype]
             self.data = weight.contiguous()
             return
         self.kind = KIND[weight.dtype]
@@ -103,7 +109,7 @@ class NativeParams:
         if k % 32 or data.device.type != "cpu":
             return False
         if isinstance(weight, torch.Tensor):
-            return weight.dtype in (torch.bfloat16, torch.float16)
+            return weight.dtype in TORCH_KIND
         if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):
             return True
         if weight.dtype == DType.INT4_GROUP:
@@ -116,6 +122,8 @@ class NativeParams:
                                                                        other.groups_per_row)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.kind == TORCH_KIND[torch.float32]:
+            return self.data[start:stop]  # already what a GEMM wants: no copy
         return native().dequantize_rows(self.kind, self.data, self.scale, self.shift, self.group,
                                         self.groups_per_row, start, stop, self.k)
 

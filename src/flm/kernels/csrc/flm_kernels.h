@@ -1,0 +1,38 @@
+// Shared declarations of flm's CPU kernels: the linear kernels (linear_simd.cpp), the one-call
+// decode step (decode_step.cpp) and their Python bindings (bindings.cpp).
+#pragma once
+#include <torch/extension.h>
+#include <cstdint>
+#include <vector>
+
+namespace flm {
+
+// Weight kinds:   0 bf16, 1 fp16, 2 int8 (w = q * scale + shift, shift = -zero * scale),
+//                 3 int4 with per-group (lo, scale): w = lo + scale * q, nibbles high-first
+//                 (per-row int4 is the case group = K), 4 float32.
+struct Params {
+    int kind;
+    const uint8_t *w;       // packed weights, row-major
+    int64_t row_bytes;      // bytes per weight row
+    const float *scale;     // int8: [N]; int4: [N * groups]
+    const float *shift;     // int8: [N] ((128 - zero) * scale); int4: lo [N * groups]
+    int64_t group;          // int4 elements per group
+    int64_t groups_per_row; // int4 (min, scale) pairs per row
+    int64_t n;              // output rows
+};
+
+Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
+                   int64_t group, int64_t groups_per_row);
+
+// y[M, sum of n] = x[M, K] times the weights' transposes, outputs side by side; all parts share
+// kind, K and group layout. Plain pointers: no tensor is created (the decode step calls it
+// four times per layer and ATen's per-op overhead would dominate small models).
+void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y);
+
+torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+                     std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
+                     std::vector<int64_t> n_outs, int64_t k_in);
+torch::Tensor dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift,
+                              int64_t group, int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in);
+
+}  // namespace flm

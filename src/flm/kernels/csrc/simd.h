@@ -1,0 +1,109 @@
+// Vector primitives for one instruction set, chosen at compile time: 16-lane AVX-512 when built
+// with -mavx512f, else 8-lane AVX2 with FMA and F16C. Everything above this layer is shared.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace flm {
+
+#if defined(__AVX512F__)
+// ------------------------------------------------------------------ AVX-512: 16 lanes
+using vec = __m512;
+constexpr int W = 16;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+
+inline vec load_bf16(const uint8_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+// 16 int8 codes q (0..255) as q - 128.
+inline vec load_q8(const uint8_t *p) {
+    __m128i q = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8((char)0x80));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+}
+// 16 int4 values from 8 bytes in element order (high nibble first).
+inline vec load_u4(const uint8_t *p) {
+    __m128i wide = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    __m128i hi = _mm_srli_epi16(wide, 4);
+    __m128i lo = _mm_and_si128(wide, _mm_set1_epi16(0xF));
+    __m256i both = _mm256_set_m128i(_mm_unpackhi_epi16(hi, lo), _mm_unpacklo_epi16(hi, lo));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(both));
+}
+// Part h of 32 int4 values (16 bytes) split into even and odd elements, W lanes each.
+inline void load_u4_half(const uint8_t *p, int /*h*/, vec &even, vec &odd) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    even = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+    odd = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+}
+#else
+// ------------------------------------------------------------------ AVX2 + FMA + F16C: 8 lanes
+using vec = __m256;
+constexpr int W = 8;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+inline vec load_bf16(const uint8_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vec load_fp16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+// 8 int8 codes q (0..255) as q - 128.
+inline vec load_q8(const uint8_t *p) {
+    __m128i q = _mm_xor_si128(_mm_loadl_epi64((const __m128i *)p), _mm_set1_epi8((char)0x80));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+}
+// 8 int4 values from 4 bytes in element order (high nibble first).
+inline vec load_u4(const uint8_t *p) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    __m256i bytes = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four));
+    __m256i twice = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    __m256i nibbles = _mm256_and_si256(_mm256_srlv_epi32(twice, _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
+                                       _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(nibbles);
+}
+// Part h of 32 int4 values (16 bytes) split into even and odd elements, W lanes each.
+inline void load_u4_half(const uint8_t *p, int h, vec &even, vec &odd) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+    even = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    odd = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+}
+#endif
+
+// sum(a[i] * b[i]) for any n (vector body, scalar tail)
+inline float dot(const float *a, const float *b, int64_t n) {
+    vec acc = vzero();
+    int64_t i = 0;
+    for (; i + W <= n; i += W) acc = vfma(vload(a + i), vload(b + i), acc);
+    float s = vsum(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// y += a * x for any n
+inline void axpy(float a, const float *x, float *y, int64_t n) {
+    const vec av = vset(a);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) vstore(y + i, vfma(av, vload(x + i), vload(y + i)));
+    for (; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace flm

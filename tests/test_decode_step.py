@@ -1,0 +1,119 @@
+"""The C++ decode step (every layer of a one-token step in one call) against the layer-by-layer
+torch path on the same weights: every dtype, grouped-query attention, biases, a sliding window,
+one sequence and several at different positions."""
+
+import pytest
+import torch
+
+from conftest import save_checkpoint, tiny_llama
+from flm import llm
+from flm.convert import ConvertOptions, convert
+from flm.kernels.decode import build_decode_step
+from flm.kernels.native import cpu_isa
+
+pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="CPU has neither AVX-512 nor AVX2+FMA+F16C")
+
+PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366]
+
+
+@pytest.fixture(scope="module")
+def biased_dir(tmp_path_factory):
+    """q/k/v/o and MLP biases, 4 query heads over 2 KV heads."""
+    model = tiny_llama(seed=3, attention_bias=True, mlp_bias=True)
+    return save_checkpoint(model, tmp_path_factory.mktemp("biased"))
+
+
+def _load(tmp_path, source, dtype):
+    path = tmp_path / f"{dtype}.flm"
+    convert(source, path, ConvertOptions(dtype=dtype, group_size=32, template="base", progress=False))
+    m = llm.model(path)
+    assert m.model.decode_step is not None, "every layer should be on the SIMD kernels"
+    return m.model
+
+
+def _decode(model, prompt, steps):
+    """Logits of `steps` greedy one-token steps after `prompt`, with whatever path the model has."""
+    cache = model.new_cache(1, 64)
+    logits = model.forward(torch.tensor([prompt]), cache)[0, -1]
+    out = []
+    for _ in range(steps):
+        logits = model.forward(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
+        out.append(logits)
+    return torch.stack(out)
+
+
+def _close(ours, ref):
+    span = float(ref.max() - ref.min())
+    assert float((ours - ref).abs().max()) <= 2e-5 * span + 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4", "int4g"])
+@pytest.mark.parametrize("source", ["tiny_dir", "biased_dir"])
+def test_step_equals_layer_by_layer(request, tmp_path, dtype, source):
+    model = _load(tmp_path, request.getfixturevalue(source), dtype)
+    fast = _decode(model, PROMPT, 8)
+    model.decode_step = None
+    _close(fast, _decode(model, PROMPT, 8))
+
+
+def test_sliding_window(tmp_path, tiny_dir):
+    model = _load(tmp_path, tiny_dir, "float32")
+    model.cfg.sliding_window = 4  # shorter than the prompt: the step must drop the oldest keys
+    model.decode_step = build_decode_step(model.cfg, model.layers)
+    fast = _decode(model, PROMPT, 6)
+    model.decode_step = None
+    _close(fast, _decode(model, PROMPT, 6))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int4g"])
+def test_batched_sequences_at_different_positions(tmp_path, tiny_dir, dtype):
+    """decode_batch: each sequence writes and attends at its own position in its own cache."""
+    model = _load(tmp_path, tiny_dir, dtype)
+
+    def run():
+        caches = [model.new_cache(1, 64) for _ in range(3)]
+        prompts = [PROMPT[:3], PROMPT, PROMPT[:7]]
+        tokens = [int(model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
+        out = []
+        for _ in range(5):
+            logits = model.decode_batch(tokens, caches)
+            tokens = logits.argmax(-1).tolist()
+            out.append(logits)
+        return torch.stack(out)
+
+    fast = run()
+    model.decode_step = None
+    _close(fast, run())
+
+
+def test_batch_of_rows_in_one_cache(tmp_path, tiny_dir):
+    """forward() with two sequences in one cache, one token each."""
+    model = _load(tmp_path, tiny_dir, "bfloat16")
+
+    def run():
+        cache = model.new_cache(2, 64)
+        model.forward(torch.tensor([PROMPT, PROMPT[::-1]]), cache)
+        return model.forward(torch.tensor([[5], [7]]), cache)
+
+    fast = run()
+    model.decode_step = None
+    _close(fast, run())
+
+
+def test_cache_growth_keeps_the_step_writing_to_the_live_cache(tmp_path, tiny_dir):
+    """Growing the cache replaces its tensors; the step must write to the new ones."""
+    model = _load(tmp_path, tiny_dir, "float32")
+
+    def run():
+        cache = model.new_cache(1, 64, initial=12)
+        logits = model.forward(torch.tensor([PROMPT]), cache)[0, -1]
+        out = []
+        for _ in range(6):  # grows from 12 past 16
+            logits = model.forward(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
+            out.append(logits)
+        assert cache.capacity > 12
+        return torch.stack(out)
+
+    fast = run()
+    model.decode_step = None
+    _close(fast, run())
