@@ -151,12 +151,14 @@ inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const float *xs
     }
 }
 
-// Rows [begin, end) of W against all M x rows: four weight rows at a time for a single x row
-// (decode), two for batches, whose x rows then share each weight load.
+// Rows [begin, end) of W against all M x rows: eight (int4: four) weight rows at a time for a
+// single x row (decode), two for batches, whose x rows then share each weight load.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const float *xs, const float *sums,
               int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
     int64_t n = begin;
+    if (M == 1 && KIND != 3)  // eight independent accumulators; int4's per-group partials need two sets
+        for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
     if (M == 1)
         for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
     for (; n + 2 <= end; n += 2) tile_all_rows<KIND, 2>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
