@@ -18,8 +18,8 @@ from flm.kernels import make_linear
 from flm.quant import DType, quantize
 
 SHAPES = [(2048, 2048), (11264, 2048), (2048, 5632)]  # q/o, gate+up, down of the 1.1B model
-KINDS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": DType.INT8,
-         "int4": DType.INT4_NOZERO, "int4g128": DType.INT4_GROUP}
+KINDS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": (DType.INT8, 128),
+         "int4": (DType.INT4_NOZERO, 128), "int4g128": (DType.INT4_GROUP, 128), "int4g32": (DType.INT4_GROUP, 32)}
 
 
 def layer(kind: str, w: torch.Tensor):
@@ -28,7 +28,7 @@ def layer(kind: str, w: torch.Tensor):
         return make_linear(w, tuple(w.shape)), w.numel() * 4
     if isinstance(dtype, torch.dtype):
         return make_linear(w.to(dtype), tuple(w.shape)), w.numel() * 2
-    q = quantize(w, dtype, 128)
+    q = quantize(w, *dtype)
     return make_linear(q, tuple(w.shape)), q.data.numel() + 4 * (q.mins.numel() + q.maxs.numel())
 
 

@@ -48,7 +48,6 @@ template <int KIND, int NR, int MR>
 inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, float *out,
                  int64_t n_out) {
     vec acc[NR][MR];
-    float offset[NR][MR] = {};
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i) acc[r][i] = vzero();
     const uint8_t *rows[NR];
@@ -102,10 +101,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
             for (int r = 0; r < NR; ++r) {
                 const int64_t pg = (n + r) * groups + g;
                 const vec s = vset(p.scale[pg]);
-                for (int i = 0; i < MR; ++i) {
-                    acc[r][i] = vfma(part[r][i], s, acc[r][i]);
-                    offset[r][i] += p.shift[pg] * xsum[i * groups + g];
-                }
+                for (int i = 0; i < MR; ++i) acc[r][i] = vfma(part[r][i], s, acc[r][i]);
             }
         }
     } else {
@@ -128,7 +124,8 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
         for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
             if (KIND == 2) y = y * p.scale[n + r] + p.shift[n + r] * xsum[i];
-            if (KIND == 3) y += offset[r][i];
+            if constexpr (KIND == 3 && MR <= 2)  // the groups' shift terms, one dot product per row
+                y += dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             out[i * n_out + r] = y;
         }
     }
