@@ -117,3 +117,16 @@ def test_cache_growth_keeps_the_step_writing_to_the_live_cache(tmp_path, tiny_di
     fast = run()
     model.decode_step = None
     _close(fast, run())
+
+
+def test_two_threads_share_one_model(tmp_path, tiny_dir):
+    """The step releases the GIL and keeps scratch buffers: concurrent callers must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _load(tmp_path, tiny_dir, "float16")
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT[:5]]
+    alone = [_decode(model, p, 12) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: _decode(model, p, 12), prompts))
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 
 namespace flm {
 
@@ -110,6 +111,7 @@ class Decoder {
                                 t->scalar_type() == torch::kFloat && t->is_contiguous(),
                             "cache tensors must be float32 [kv_heads, capacity > position, head_dim]");
         const int64_t q_size = heads_ * dim_, kv_size = kv_heads_ * dim_, qkv_n = q_size + 2 * kv_size;
+        std::lock_guard<std::mutex> hold(busy_);  // the scratch below is shared; the GIL is released
         normed_.resize(B * std::max(hidden_, inter_));
         qkv_.resize(B * qkv_n);
         attn_.resize(B * q_size);
@@ -185,6 +187,7 @@ class Decoder {
     float eps_;
     std::vector<DecoderLayer> layers_;
     std::vector<float> normed_, qkv_, attn_, gate_up_, delta_;  // scratch, reused every step
+    std::mutex busy_;
 };
 
 void bind_decoder(pybind11::module &m) {
