@@ -31,38 +31,39 @@ def _load(tmp_path, source, dtype):
     return m.model
 
 
-def _decode(model, prompt, steps):
+def _decode(model, prompt, steps, initial=None):
     """Logits of `steps` greedy one-token steps after `prompt`, with whatever path the model has."""
-    cache = model.new_cache(1, 64)
+    cache = model.new_cache(1, 64, initial=initial)
     logits = model.forward(torch.tensor([prompt]), cache)[0, -1]
     out = []
     for _ in range(steps):
         logits = model.forward(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
         out.append(logits)
+    assert initial is None or cache.capacity > initial  # the test meant the cache to grow
     return torch.stack(out)
 
 
-def _close(ours, ref):
+def _same_both_ways(model, run):
+    """run() with the C++ step, then on the layer-by-layer path: the same logits."""
+    fast = run()
+    model.decode_step = None
+    ref = run()
     span = float(ref.max() - ref.min())
-    assert float((ours - ref).abs().max()) <= 2e-5 * span + 1e-5
+    assert float((fast - ref).abs().max()) <= 2e-5 * span + 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4", "int4g"])
 @pytest.mark.parametrize("source", ["tiny_dir", "biased_dir"])
 def test_step_equals_layer_by_layer(request, tmp_path, dtype, source):
     model = _load(tmp_path, request.getfixturevalue(source), dtype)
-    fast = _decode(model, PROMPT, 8)
-    model.decode_step = None
-    _close(fast, _decode(model, PROMPT, 8))
+    _same_both_ways(model, lambda: _decode(model, PROMPT, 8))
 
 
 def test_sliding_window(tmp_path, tiny_dir):
     model = _load(tmp_path, tiny_dir, "float32")
     model.cfg.sliding_window = 4  # shorter than the prompt: the step must drop the oldest keys
     model.decode_step = build_decode_step(model.cfg, model.layers)
-    fast = _decode(model, PROMPT, 6)
-    model.decode_step = None
-    _close(fast, _decode(model, PROMPT, 6))
+    _same_both_ways(model, lambda: _decode(model, PROMPT, 6))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int4g"])
@@ -81,9 +82,7 @@ def test_batched_sequences_at_different_positions(tmp_path, tiny_dir, dtype):
             out.append(logits)
         return torch.stack(out)
 
-    fast = run()
-    model.decode_step = None
-    _close(fast, run())
+    _same_both_ways(model, run)
 
 
 def test_batch_of_rows_in_one_cache(tmp_path, tiny_dir):
@@ -95,28 +94,13 @@ def test_batch_of_rows_in_one_cache(tmp_path, tiny_dir):
         model.forward(torch.tensor([PROMPT, PROMPT[::-1]]), cache)
         return model.forward(torch.tensor([[5], [7]]), cache)
 
-    fast = run()
-    model.decode_step = None
-    _close(fast, run())
+    _same_both_ways(model, run)
 
 
 def test_cache_growth_keeps_the_step_writing_to_the_live_cache(tmp_path, tiny_dir):
     """Growing the cache replaces its tensors; the step must write to the new ones."""
     model = _load(tmp_path, tiny_dir, "float32")
-
-    def run():
-        cache = model.new_cache(1, 64, initial=12)
-        logits = model.forward(torch.tensor([PROMPT]), cache)[0, -1]
-        out = []
-        for _ in range(6):  # grows from 12 past 16
-            logits = model.forward(torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
-            out.append(logits)
-        assert cache.capacity > 12
-        return torch.stack(out)
-
-    fast = run()
-    model.decode_step = None
-    _close(fast, run())
+    _same_both_ways(model, lambda: _decode(model, PROMPT, 6, initial=12))  # grows from 12 past 16
 
 
 def test_two_threads_share_one_model(tmp_path, tiny_dir):

@@ -65,7 +65,7 @@ def native():
     build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
-        log.info("compiling the %s kernels once (about a minute; cached in %s)", name, build)
+        log.info("compiling the %s kernels once (a minute or two; cached in %s)", name, build)
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
