@@ -44,9 +44,14 @@ inline vec load_w(const Params &p, int64_t n, int64_t k) {
 // [MR, K / group] (int4 with more than two x rows widens the weights instead, see below).
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
 // (`deinterleave`): the high nibbles pair with the even elements.
+//
+// Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
+// per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop cost ~30% there).
 template <int KIND, int NR, int MR>
 inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, float *out,
                  int64_t n_out) {
+    constexpr bool INT4 = KIND == 3 || KIND == 5;
+    const int64_t group = KIND == 5 ? 32 : p.group;
     vec acc[NR][MR];
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i) acc[r][i] = vzero();
@@ -55,14 +60,14 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
     const int64_t ahead = NR * p.row_bytes;
-    if constexpr (KIND == 3 && MR > 2) {
+    if constexpr (INT4 && MR > 2) {
         // Many x rows share each weight: widen it once (w = lo + scale * q) and accumulate
         // directly; a second accumulator set per group would not fit in the registers.
         for (int64_t k = 0; k < k_in; k += 32) {
             if ((k / 2) % 64 == 0)
                 for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
             for (int r = 0; r < NR; ++r) {
-                const int64_t pg = (n + r) * p.groups_per_row + k / p.group;
+                const int64_t pg = (n + r) * p.groups_per_row + k / group;
                 const vec s = vset(p.scale[pg]), lo = vset(p.shift[pg]);
                 for (int h = 0; h < HALF; ++h) {
                     vec even, odd;
@@ -77,13 +82,13 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
                 }
             }
         }
-    } else if constexpr (KIND == 3) {
+    } else if constexpr (INT4) {
         const int64_t groups = p.groups_per_row;
         for (int64_t g = 0; g < groups; ++g) {
             vec part[NR][MR];
             for (int r = 0; r < NR; ++r)
                 for (int i = 0; i < MR; ++i) part[r][i] = vzero();
-            for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 32) {
+            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
                 if ((k / 2) % 64 == 0)
                     for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
                 for (int h = 0; h < HALF; ++h) {
@@ -124,7 +129,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
         for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
             if (KIND == 2) y = y * p.scale[n + r] + p.shift[n + r] * xsum[i];
-            if constexpr (KIND == 3 && MR <= 2)  // the groups' shift terms, one dot product per row
+            if constexpr (INT4 && MR <= 2)  // the groups' shift terms, one dot product per row
                 y += dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             out[i * n_out + r] = y;
         }
@@ -154,7 +159,7 @@ template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const float *xs, const float *sums,
               int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
     int64_t n = begin;
-    if (M == 1 && KIND != 3)  // eight independent accumulators; int4's per-group partials need two sets
+    if (M == 1 && KIND != 3 && KIND != 5)  // eight accumulators; int4's per-group partials need two sets
         for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
     if (M == 1)
         for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
@@ -226,7 +231,10 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             case 0: rows_for<0>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
             case 1: rows_for<1>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
             case 2: rows_for<2>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
-            case 3: rows_for<3>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
+            case 3:
+                if (ps[j].group == 32) rows_for<5>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
+                else rows_for<3>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
+                break;
             default: rows_for<4>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
             }
         }
