@@ -249,7 +249,6 @@ class Transformer:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
 
-
     def _one_token_step(self, x: torch.Tensor, views: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
                         positions: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Every layer for one token per sequence in the C++ step: x [B, 1, hidden] -> same shape."""

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from . import FusedLinear, Linear, NativeLinear
-from .native import native
+from .native import kernel_args, native
 
 
 class DecoderLayerWeights(Protocol):
@@ -44,11 +44,8 @@ def _linear_weights(module, linear: Linear):
         params = [linear.params]
     else:
         return None
-    first = params[0]
     bias = linear.bias if linear.bias is not None else torch.empty(0)
-    return module.linear_weights(first.kind, [p.data for p in params], [p.scale for p in params],
-                                 [p.shift for p in params], first.group, first.groups_per_row, first.k,
-                                 bias.contiguous())
+    return module.linear_weights(*kernel_args(params), params[0].k, bias.contiguous())
 
 
 def build_decode_step(cfg: ModelConfig, layers: Sequence[DecoderLayerWeights]) -> DecodeStep | None:

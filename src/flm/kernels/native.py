@@ -128,8 +128,13 @@ class NativeParams:
                                         self.groups_per_row, start, stop, self.k)
 
 
+def kernel_args(parts: list[NativeParams]) -> tuple:
+    """(kind, weights, scales, shifts, group, groups_per_row) of compatible parts, as the C++ side takes them."""
+    first = parts[0]
+    return (first.kind, [p.data for p in parts], [p.scale for p in parts], [p.shift for p in parts], first.group,
+            first.groups_per_row)
+
+
 def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
     """[x W1^T | x W2^T | ...] for float32 x [M, K] in one kernel call (parts must be compatible)."""
-    first = parts[0]
-    return native().linear(x, first.kind, [p.data for p in parts], [p.scale for p in parts],
-                           [p.shift for p in parts], first.group, first.groups_per_row, [p.n for p in parts], first.k)
+    return native().linear(x, *kernel_args(parts), [p.n for p in parts], parts[0].k)

@@ -36,10 +36,7 @@ LinearWeights make_linear_weights(int64_t kind, std::vector<torch::Tensor> ws, s
     LinearWeights lw;
     lw.k = k_in;
     for (size_t j = 0; j < ws.size(); ++j) {
-        TORCH_CHECK(ws[j].size(1) * ws[j].element_size() * (kind == 3 ? 2 : 1) ==
-                        k_in * (kind == 2 || kind == 3 ? 1 : kind == 4 ? 4 : 2),
-                    "weight row size does not match K");
-        lw.parts.push_back(make_params(kind, ws[j], scales[j], shifts[j], group, groups_per_row));
+        lw.parts.push_back(make_params(kind, ws[j], scales[j], shifts[j], group, groups_per_row, k_in));
         lw.n += ws[j].size(0);
         lw.keep.insert(lw.keep.end(), {ws[j], scales[j], shifts[j]});
     }

@@ -21,8 +21,9 @@ struct Params {
     int64_t n;              // output rows
 };
 
+// Checks the weight rows hold K elements of `kind`.
 Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
-                   int64_t group, int64_t groups_per_row);
+                   int64_t group, int64_t groups_per_row, int64_t k_in);
 
 // y[M, sum of n] = x[M, K] times the weights' transposes, outputs side by side; all parts share
 // kind, K and group layout. Plain pointers: no tensor is created (the decode step calls it

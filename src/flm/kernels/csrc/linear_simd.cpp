@@ -19,6 +19,11 @@ namespace {
 
 constexpr int MB = 4;  // x rows per pass over a weight tile
 
+// Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
+// per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop cost ~30% there).
+template <int KIND>
+constexpr bool is_int4 = KIND == 3 || KIND == 5;
+
 constexpr int HALF = 16 / W;  // vectors per 16 even (or odd) int4 values
 
 // W weights of row n starting at column k, as float32.
@@ -44,13 +49,9 @@ inline vec load_w(const Params &p, int64_t n, int64_t k) {
 // [MR, K / group] (int4 with more than two x rows widens the weights instead, see below).
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
 // (`deinterleave`): the high nibbles pair with the even elements.
-//
-// Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
-// per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop cost ~30% there).
 template <int KIND, int NR, int MR>
 inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, float *out,
                  int64_t n_out) {
-    constexpr bool INT4 = KIND == 3 || KIND == 5;
     const int64_t group = KIND == 5 ? 32 : p.group;
     vec acc[NR][MR];
     for (int r = 0; r < NR; ++r)
@@ -60,7 +61,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
     const int64_t ahead = NR * p.row_bytes;
-    if constexpr (INT4 && MR > 2) {
+    if constexpr (is_int4<KIND> && MR > 2) {
         // Many x rows share each weight: widen it once (w = lo + scale * q) and accumulate
         // directly; a second accumulator set per group would not fit in the registers.
         for (int64_t k = 0; k < k_in; k += 32) {
@@ -82,7 +83,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
                 }
             }
         }
-    } else if constexpr (INT4) {
+    } else if constexpr (is_int4<KIND>) {
         const int64_t groups = p.groups_per_row;
         for (int64_t g = 0; g < groups; ++g) {
             vec part[NR][MR];
@@ -129,7 +130,7 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
         for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
             if (KIND == 2) y = y * p.scale[n + r] + p.shift[n + r] * xsum[i];
-            if constexpr (INT4 && MR <= 2)  // the groups' shift terms, one dot product per row
+            if constexpr (is_int4<KIND> && MR <= 2)  // the groups' shift terms, one dot product per row
                 y += dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             out[i * n_out + r] = y;
         }
@@ -159,7 +160,7 @@ template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const float *xs, const float *sums,
               int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
     int64_t n = begin;
-    if (M == 1 && KIND != 3 && KIND != 5)  // eight accumulators; int4's per-group partials need two sets
+    if (M == 1 && !is_int4<KIND>)  // eight accumulators; int4's per-group partials need two sets
         for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
     if (M == 1)
         for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
@@ -179,12 +180,14 @@ void deinterleave(const float *x, int64_t M, int64_t k_in, float *out) {
 }  // namespace
 
 Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
-                   int64_t group, int64_t groups_per_row) {
+                   int64_t group, int64_t groups_per_row, int64_t k_in) {
     TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "weights must be a contiguous 2-D tensor");
+    const int64_t row_bytes = w.size(1) * (int64_t)w.element_size();
+    const int64_t expected = kind == 2 ? k_in : kind == 3 ? k_in / 2 : kind == 4 ? 4 * k_in : 2 * k_in;
+    TORCH_CHECK(row_bytes == expected, "weight rows hold ", row_bytes, " bytes; K = ", k_in, " needs ", expected);
     TORCH_CHECK(kind != 3 || group % 32 == 0, "int4 groups must be a multiple of 32");
     TORCH_CHECK(kind != 4 || w.scalar_type() == torch::kFloat, "kind 4 weights must be float32");
-    Params p{(int)kind, (const uint8_t *)w.data_ptr(), w.size(1) * (int64_t)w.element_size(), nullptr, nullptr,
-             group, groups_per_row, w.size(0)};
+    Params p{(int)kind, (const uint8_t *)w.data_ptr(), row_bytes, nullptr, nullptr, group, groups_per_row, w.size(0)};
     if (kind == 2 || kind == 3) {
         TORCH_CHECK(scale.scalar_type() == torch::kFloat && shift.scalar_type() == torch::kFloat, "float32 params");
         p.scale = scale.data_ptr<float>();
@@ -256,7 +259,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
     int64_t n_total = 0;
     for (size_t j = 0; j < parts; ++j) {
         TORCH_CHECK(ws[j].size(0) == n_outs[j], "weight rows must match the output size");
-        ps.push_back(make_params(kind, ws[j], scales[j], shifts[j], group, groups_per_row));
+        ps.push_back(make_params(kind, ws[j], scales[j], shifts[j], group, groups_per_row, k_in));
         n_total += n_outs[j];
     }
     auto y = torch::empty({x.size(0), n_total}, x.options());
@@ -267,7 +270,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
 // Rows [row0, row1) of W widened to float32: [row1 - row0, K].
 torch::Tensor dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift,
                               int64_t group, int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in) {
-    Params p = make_params(kind, w, scale, shift, group, groups_per_row);
+    Params p = make_params(kind, w, scale, shift, group, groups_per_row, k_in);
     auto out = torch::empty({row1 - row0, k_in}, torch::dtype(torch::kFloat));
     float *os = out.data_ptr<float>();
     at::parallel_for(row0, row1, 16, [&](int64_t begin, int64_t end) {
