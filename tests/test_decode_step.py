@@ -43,20 +43,23 @@ def _decode(model, prompt, steps, initial=None):
     return torch.stack(out)
 
 
-def _same_both_ways(model, run):
-    """run() with the C++ step, then on the layer-by-layer path: the same logits."""
+def _same_both_ways(model, run, dtype: str = "float32"):
+    """run() with the C++ step, then on the layer-by-layer path: the same logits. int4 linears
+    round their input to a 16-bit grid (quant.round_input_int16): a last-bit difference upstream
+    can move a value across a rounding boundary, one grid step (1/32767 of its row's largest)."""
     fast = run()
     model.decode_step = None
     ref = run()
     span = float(ref.max() - ref.min())
-    assert float((fast - ref).abs().max()) <= 2e-5 * span + 1e-5
+    relative = 1e-4 if dtype.startswith("int4") else 2e-5
+    assert float((fast - ref).abs().max()) <= relative * span + 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "int4", "int4g"])
 @pytest.mark.parametrize("source", ["tiny_dir", "biased_dir"])
 def test_step_equals_layer_by_layer(request, tmp_path, dtype, source):
     model = _load(tmp_path, request.getfixturevalue(source), dtype)
-    _same_both_ways(model, lambda: _decode(model, PROMPT, 8))
+    _same_both_ways(model, lambda: _decode(model, PROMPT, 8), dtype)
 
 
 def test_sliding_window(tmp_path, tiny_dir):
@@ -82,7 +85,7 @@ def test_batched_sequences_at_different_positions(tmp_path, tiny_dir, dtype):
             out.append(logits)
         return torch.stack(out)
 
-    _same_both_ways(model, run)
+    _same_both_ways(model, run, dtype)
 
 
 def test_batch_of_rows_in_one_cache(tmp_path, tiny_dir):

@@ -6,7 +6,7 @@ import torch
 
 from flm.kernels import NativeLinear, ReferenceLinear, make_linear
 from flm.kernels.native import cpu_isa, native
-from flm.quant import DType, Quantized, quantize
+from flm.quant import INT16_INPUT_DTYPES, DType, Quantized, quantize, round_input_int16
 
 needs_native = pytest.mark.skipif(cpu_isa() is None, reason="CPU has neither AVX-512 nor AVX2+FMA+F16C")
 
@@ -41,13 +41,27 @@ def test_native_linear_equals_reference(name, rows):
     lin = make_linear(weight, (out_features, in_features), bias)
     assert isinstance(lin, NativeLinear)
     x = torch.randn(rows, in_features)
-    expected = x.double() @ dense.double().T + bias.double()
+    rounds = name in QUANTIZED and QUANTIZED[name][0] in INT16_INPUT_DTYPES
+    expected = (round_input_int16(x) if rounds else x).double() @ dense.double().T + bias.double()
     got = lin(x)
     assert got.shape == (rows, out_features)
     tolerance = 1e-5 * float(expected.abs().max()) + 1e-5
     assert float((got.double() - expected).abs().max()) <= tolerance
     # the kernels dequantize with one fused multiply-add, the reference rounds twice
     torch.testing.assert_close(lin.dense(), dense, rtol=1e-6, atol=1e-6 * float(dense.abs().max()))
+
+
+def test_int4_input_rounds_each_row_to_16_bits():
+    x = torch.randn(3, 256)
+    x[1] = 0.0
+    x[2, 7] = -50.0  # an outlier sets its row's grid
+    got = round_input_int16(x)
+    step = x.abs().amax(dim=-1, keepdim=True) / 32767
+    assert torch.equal(got[1], x[1])
+    assert float(((got - x).abs() - step / 2).max()) <= 1e-6 * float(step.max())
+    ticks = got[[0, 2]] / step[[0, 2]]
+    assert torch.allclose(ticks, ticks.round(), atol=1e-3) and float(ticks.abs().max()) <= 32767.01
+    assert not torch.equal(got[0], x[0])  # it does round
 
 
 @needs_native

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import FLOAT_DTYPES, DType, Quantized, dequantize, lowbit_params
+from ..quant import FLOAT_DTYPES, INT16_INPUT_DTYPES, DType, Quantized, dequantize, lowbit_params, round_input_int16
 
 ROW_CHUNK = 4096  # rows dequantized at a time by the reference path
 
@@ -51,7 +51,8 @@ class FloatLinear(Linear):
 
 
 class ReferenceLinear(Linear):
-    """Any quantized weight: dequantize a block of rows with fastllm's formula, multiply."""
+    """Any quantized weight: dequantize a block of rows with fastllm's formula, multiply (int4
+    weights: by the input rounded as `round_input_int16` says)."""
 
     def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
         self.q = q
@@ -67,6 +68,8 @@ class ReferenceLinear(Linear):
         return dequantize(part, (stop - start, self.in_features))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q.dtype in INT16_INPUT_DTYPES:
+            x = round_input_int16(x)
         outs = [F.linear(x, self._rows(s, min(s + ROW_CHUNK, self.out_features)))
                 for s in range(0, self.out_features, ROW_CHUNK)]
         y = torch.cat(outs, dim=-1)
@@ -108,8 +111,8 @@ class Int8Linear(Linear):
 
 
 class NativeLinear(Linear):
-    """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations and
-    accumulation (decode reads each weight once); prefill widens blocks of rows to float32 for
+    """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations (int4:
+    rounded to 16 bits) and accumulation (decode reads each weight once); prefill widens blocks of rows to float32 for
     torch's GEMM. The weight bytes are used in place (memory-mapped from the file)."""
 
     def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
@@ -129,6 +132,8 @@ class NativeLinear(Linear):
         elif self.params.data.dtype == torch.float32:
             y = F.linear(flat, self.params.data)
         else:
+            if self.params.rounds_input:
+                flat = round_input_int16(flat)
             y = torch.cat([F.linear(flat, self.params.rows(s, min(s + PREFILL_BLOCK, self.out_features)))
                            for s in range(0, self.out_features, PREFILL_BLOCK)], dim=-1)
         y = y.reshape(*shape[:-1], self.out_features)

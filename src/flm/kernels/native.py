@@ -83,6 +83,7 @@ class NativeParams:
         self.n, self.k = shape
         empty = torch.empty(0)
         self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
+        self.rounds_input = False  # whether the kernel multiplies round_input_int16(x) (int4)
         if isinstance(weight, torch.Tensor):
             self.kind = TORCH_KIND[weight.dtype]
             self.data = weight.contiguous()
@@ -98,6 +99,7 @@ class NativeParams:
         else:
             scale, _, lo = lowbit_params(weight.mins, weight.maxs, 4, no_zero=True)
             self.scale, self.shift = scale.contiguous(), lo.contiguous()
+            self.rounds_input = True
             if weight.dtype == DType.INT4_GROUP:
                 self.group, self.groups_per_row = weight.group_cnt, weight.group
             self.data = weight.data.reshape(self.n, self.k // 2)

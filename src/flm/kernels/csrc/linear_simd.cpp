@@ -1,7 +1,8 @@
 // flm's CPU linear kernels: y[M, N] = x[M, K] (float32) times W[N, K]^T, with W in its .flm
 // storage type, widened a vector at a time to float32 with fastllm's formulas and accumulated in
-// float32. Decode (small M) reads every weight exactly once; prefill callers use
-// `dequantize_rows` and a float32 GEMM instead.
+// float32 (int4: codes times x rounded to 16 bits, summed in int32, see quant.round_input_int16).
+// Decode (small M) reads every weight exactly once; prefill callers use `dequantize_rows` and a
+// float32 GEMM instead.
 //
 // One source, two instruction sets: compiled with -mavx512f it uses 16-lane AVX-512 vectors,
 // otherwise 8-lane AVX2 (+FMA, F16C). Only the primitives in simd.h differ; the loops are shared.
@@ -12,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace flm {
@@ -25,6 +27,29 @@ template <int KIND>
 constexpr bool is_int4 = KIND == 3 || KIND == 5;
 
 constexpr int HALF = 16 / W;  // vectors per 16 even (or odd) int4 values
+
+// The x rows a tile reads, from row m0 on: float32 (int4: 32-blocks deinterleaved and rounded
+// to xq's grid), int4's 16-bit copy xq with one scale per row, and sum(x) per group.
+struct Input {
+    const float *x;
+    const int16_t *xq;
+    const float *xscale;
+    const float *sums;
+    int64_t sum_stride;
+    Input from(int64_t m0, int64_t k_in) const {
+        return {x + m0 * k_in, xq ? xq + m0 * k_in : nullptr, xscale ? xscale + m0 : nullptr,
+                sums + m0 * sum_stride, sum_stride};
+    }
+};
+
+// 8 int32 sums as float32 vector lanes (AVX-512 builds hold them in the low half).
+inline vec widen_i32(__m256i v) {
+#if defined(__AVX512F__)
+    return _mm512_insertf32x8(_mm512_setzero_ps(), _mm256_cvtepi32_ps(v), 0);
+#else
+    return _mm256_cvtepi32_ps(v);
+#endif
+}
 
 // W weights of row n starting at column k, as float32.
 inline vec load_w(const Params &p, int64_t n, int64_t k) {
@@ -50,10 +75,10 @@ inline vec load_w(const Params &p, int64_t n, int64_t k) {
 // int8 codes are read as stored (0..255, one instruction fewer than q - 128: decode reads them
 // ~20% faster), so their shift term is shift - 128 * scale.
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
-// (`deinterleave`): the high nibbles pair with the even elements.
+// (`round_int4_input`): the high nibbles pair with the even elements.
 template <int KIND, int NR, int MR>
-inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum, int64_t k_in, float *out,
-                 int64_t n_out) {
+inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
+    const float *xm = in.x, *xsum = in.sums;
     const int64_t group = KIND == 5 ? 32 : p.group;
     vec acc[NR][MR];
     for (int r = 0; r < NR; ++r)
@@ -86,30 +111,41 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
             }
         }
     } else if constexpr (is_int4<KIND>) {
+        // x rounded to 16 bits (xq, scale xs per row): codes times xq summed exactly in int32
+        // (vpmaddwd: 16 multiply-adds per instruction), then scaled per group in float32.
         const int64_t groups = p.groups_per_row;
+        const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
+        const __m256i low = _mm256_set1_epi16(0xF);
         for (int64_t g = 0; g < groups; ++g) {
-            vec part[NR][MR];
+            vec gacc[NR][MR];
             for (int r = 0; r < NR; ++r)
-                for (int i = 0; i < MR; ++i) part[r][i] = vzero();
-            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-                if ((k / 2) % 64 == 0)
-                    for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-                for (int h = 0; h < HALF; ++h) {
+                for (int i = 0; i < MR; ++i) gacc[r][i] = vzero();
+            for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
+                __m256i part[NR][MR];
+                for (int r = 0; r < NR; ++r)
+                    for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
+                for (int64_t k = c; k < c + chunk; k += 32) {
+                    if ((k / 2) % 64 == 0)
+                        for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
+                    __m256i xe[MR], xo[MR];
+                    for (int i = 0; i < MR; ++i) {
+                        xe[i] = _mm256_loadu_si256((const __m256i *)(in.xq + i * k_in + k));
+                        xo[i] = _mm256_loadu_si256((const __m256i *)(in.xq + i * k_in + k + 16));
+                    }
                     for (int r = 0; r < NR; ++r) {
-                        vec even, odd;
-                        load_u4_half(rows[r] + k / 2, h, even, odd);
-                        for (int i = 0; i < MR; ++i) {
-                                const float *xb = xm + i * k_in + k + h * W;
-                            part[r][i] = vfma(even, vload(xb), part[r][i]);
-                            part[r][i] = vfma(odd, vload(xb + 16), part[r][i]);
-                        }
+                        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
+                        const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
+                        for (int i = 0; i < MR; ++i)
+                            part[r][i] = _mm256_add_epi32(part[r][i], _mm256_add_epi32(_mm256_madd_epi16(even, xe[i]),
+                                                                                      _mm256_madd_epi16(odd, xo[i])));
                     }
                 }
+                for (int r = 0; r < NR; ++r)
+                    for (int i = 0; i < MR; ++i) gacc[r][i] = vadd(gacc[r][i], widen_i32(part[r][i]));
             }
             for (int r = 0; r < NR; ++r) {
-                const int64_t pg = (n + r) * groups + g;
-                const vec s = vset(p.scale[pg]);
-                for (int i = 0; i < MR; ++i) acc[r][i] = vfma(part[r][i], s, acc[r][i]);
+                const vec s = vset(p.scale[(n + r) * groups + g]);
+                for (int i = 0; i < MR; ++i) acc[r][i] = vfma(gacc[r][i], s, acc[r][i]);
             }
         }
     } else {
@@ -133,8 +169,8 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
             float y = vsum(acc[r][i]);
             if (KIND == 2)  // codes were read as q, not q - 128
                 y = y * p.scale[n + r] + (p.shift[n + r] - 128.f * p.scale[n + r]) * xsum[i];
-            if constexpr (is_int4<KIND> && MR <= 2)  // the groups' shift terms, one dot product per row
-                y += dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
+            if constexpr (is_int4<KIND> && MR <= 2)  // xq's scale; the groups' shift terms, one dot product per row
+                y = y * in.xscale[i] + dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             out[i * n_out + r] = y;
         }
     }
@@ -143,16 +179,16 @@ inline void tile(const Params &p, int64_t n, const float *xm, const float *xsum,
 // NR weight rows from n against all M x rows, MB at a time: the weight tile is read from
 // memory once and from L1 for the further x rows.
 template <int KIND, int NR>
-inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const float *xs, const float *sums,
-                          int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
+inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const Input &xs, int64_t k_in, float *ys,
+                          int64_t n_out) {
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const float *xm = xs + m0 * k_in, *xsm = sums + m0 * sum_stride;
+        const Input xm = xs.from(m0, k_in);
         float *out = ys + m0 * n_out + n;
         switch (std::min<int64_t>(MB, M - m0)) {
-        case 1: tile<KIND, NR, 1>(p, n, xm, xsm, k_in, out, n_out); break;
-        case 2: tile<KIND, NR, 2>(p, n, xm, xsm, k_in, out, n_out); break;
-        case 3: tile<KIND, NR, 3>(p, n, xm, xsm, k_in, out, n_out); break;
-        default: tile<KIND, NR, MB>(p, n, xm, xsm, k_in, out, n_out);
+        case 1: tile<KIND, NR, 1>(p, n, xm, k_in, out, n_out); break;
+        case 2: tile<KIND, NR, 2>(p, n, xm, k_in, out, n_out); break;
+        case 3: tile<KIND, NR, 3>(p, n, xm, k_in, out, n_out); break;
+        default: tile<KIND, NR, MB>(p, n, xm, k_in, out, n_out);
         }
     }
 }
@@ -160,24 +196,34 @@ inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const float *xs
 // Rows [begin, end) of W against all M x rows: eight (int4: four) weight rows at a time for a
 // single x row (decode), two for batches, whose x rows then share each weight load.
 template <int KIND>
-void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const float *xs, const float *sums,
-              int64_t sum_stride, int64_t k_in, float *ys, int64_t n_out) {
+void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
+              int64_t n_out) {
     int64_t n = begin;
     if (M == 1 && !is_int4<KIND>)  // eight accumulators; int4's per-group partials need two sets
-        for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
+        for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, k_in, ys, n_out);
     if (M == 1)
-        for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
-    for (; n + 2 <= end; n += 2) tile_all_rows<KIND, 2>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
-    for (; n < end; ++n) tile_all_rows<KIND, 1>(p, n, M, xs, sums, sum_stride, k_in, ys, n_out);
+        for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, k_in, ys, n_out);
+    for (; n + 2 <= end; n += 2) tile_all_rows<KIND, 2>(p, n, M, xs, k_in, ys, n_out);
+    for (; n < end; ++n) tile_all_rows<KIND, 1>(p, n, M, xs, k_in, ys, n_out);
 }
 
-// x with each 32-element block reordered evens-then-odds, the order the int4 tiles read.
-void deinterleave(const float *x, int64_t M, int64_t k_in, float *out) {
-    for (int64_t i = 0; i < M * k_in; i += 32)
-        for (int j = 0; j < 16; ++j) {
-            out[i + j] = x[i + 2 * j];
-            out[i + 16 + j] = x[i + 2 * j + 1];
-        }
+// int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
+// grid of quant.round_input_int16), and each 32-element block reordered evens-then-odds, the
+// order the int4 tiles read; `grid` gets s * xq as float32 in the same order.
+void round_int4_input(const float *x, int64_t M, int64_t k_in, int16_t *xq, float *xscale, float *grid) {
+    for (int64_t i = 0; i < M; ++i) {
+        const float *row = x + i * k_in;
+        float top = 0.f;
+        for (int64_t k = 0; k < k_in; ++k) top = std::max(top, std::fabs(row[k]));
+        const float s = top > 0.f ? top / 32767.f : 1.f;
+        xscale[i] = s;
+        for (int64_t b = 0; b < k_in; b += 32)
+            for (int j = 0; j < 32; ++j) {
+                const int64_t to = i * k_in + b + (j % 2) * 16 + j / 2;
+                xq[to] = (int16_t)std::nearbyint(row[b + j] / s);
+                grid[to] = s * xq[to];
+            }
+    }
 }
 
 }  // namespace
@@ -206,27 +252,31 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     std::vector<int64_t> offsets(parts + 1, 0);
     for (size_t j = 0; j < parts; ++j) offsets[j + 1] = offsets[j] + ps[j].n;
     const int64_t n_total = offsets[parts];
-    // int4 tiles read x deinterleaved; quantized kinds need sum(x) per group (int8: per row)
-    // for the shift term. Scratch reused across calls: the decode step calls this per layer.
-    thread_local std::vector<float> reordered, sums;
-    const float *xs = x;
+    // int4 tiles read x rounded and deinterleaved; quantized kinds need sum(x) per group (int8:
+    // per row) for the shift term. Scratch reused across calls: the decode step calls this per layer.
+    thread_local std::vector<float> reordered, sums, xscale;
+    thread_local std::vector<int16_t> xq;
+    Input xs{x, nullptr, nullptr, nullptr, 0};
     if (kind == 3) {
         reordered.resize(M * k_in);
-        deinterleave(x, M, k_in, reordered.data());
-        xs = reordered.data();
+        xq.resize(M * k_in);
+        xscale.resize(M);
+        round_int4_input(x, M, k_in, xq.data(), xscale.data(), reordered.data());
+        xs = {reordered.data(), xq.data(), xscale.data(), nullptr, 0};
     }
     const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
     if (kind == 2 || kind == 3) {
         sums.assign(M * sum_stride, 0.f);
         for (int64_t i = 0; i < M; ++i)
             for (int64_t g = 0; g < sum_stride; ++g) {
-                const float *xg = x + i * k_in + g * group;
+                const float *xg = xs.x + i * k_in + g * group;
                 vec acc = vzero();
                 for (int64_t k = 0; k < group; k += W) acc = vadd(acc, vload(xg + k));
                 sums[i * sum_stride + g] = vsum(acc);
             }
     }
-    const float *sp = sums.data();
+    xs.sums = sums.data();
+    xs.sum_stride = sum_stride;
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
         for (size_t j = 0; j < parts; ++j) {
             const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
@@ -234,14 +284,14 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             if (lo >= hi) continue;
             float *yj = ys + offsets[j];
             switch (kind) {
-            case 0: rows_for<0>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
-            case 1: rows_for<1>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
-            case 2: rows_for<2>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total); break;
+            case 0: rows_for<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+            case 1: rows_for<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+            case 2: rows_for<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
             case 3:
-                if (ps[j].group == 32) rows_for<5>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
-                else rows_for<3>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
+                if (ps[j].group == 32) rows_for<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+                else rows_for<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
                 break;
-            default: rows_for<4>(ps[j], lo, hi, M, xs, sp, sum_stride, k_in, yj, n_total);
+            default: rows_for<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
             }
         }
     });
