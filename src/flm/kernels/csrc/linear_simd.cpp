@@ -28,8 +28,8 @@ constexpr bool is_int4 = KIND == 3 || KIND == 5;
 
 constexpr int HALF = 16 / W;  // vectors per 16 even (or odd) int4 values
 
-// The x rows a tile reads, from row m0 on: float32 (int4: 32-blocks deinterleaved and rounded
-// to xq's grid), int4's 16-bit copy xq with one scale per row, and sum(x) per group.
+// The x rows a tile reads, from row m0 on: float32, or for int4 x rounded to 16 bits (xq, one
+// scale per row) in deinterleaved 32-blocks; and sum(x) per group (int8: per row).
 struct Input {
     const float *x;
     const int16_t *xq;
@@ -37,7 +37,7 @@ struct Input {
     const float *sums;
     int64_t sum_stride;
     Input from(int64_t m0, int64_t k_in) const {
-        return {x + m0 * k_in, xq ? xq + m0 * k_in : nullptr, xscale ? xscale + m0 : nullptr,
+        return {x ? x + m0 * k_in : nullptr, xq ? xq + m0 * k_in : nullptr, xscale ? xscale + m0 : nullptr,
                 sums + m0 * sum_stride, sum_stride};
     }
 };
@@ -71,7 +71,7 @@ inline vec load_w(const Params &p, int64_t n, int64_t k) {
 // keep the FMA units busy even for a single x row (one would wait on FMA latency every step).
 // Quantized kinds multiply the integer codes with x and apply each row's (or group's) scale
 // once at the end: y = scale * sum(q x) + shift * sum(x), with sum(x) per group in `xsum`
-// [MR, K / group] (int4 with more than two x rows widens the weights instead, see below).
+// [MR, K / group].
 // int8 codes are read as stored (0..255, one instruction fewer than q - 128: decode reads them
 // ~20% faster), so their shift term is shift - 128 * scale.
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
@@ -88,29 +88,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
     const int64_t ahead = NR * p.row_bytes;
-    if constexpr (is_int4<KIND> && MR > 2) {
-        // Many x rows share each weight: widen it once (w = lo + scale * q) and accumulate
-        // directly; a second accumulator set per group would not fit in the registers.
-        for (int64_t k = 0; k < k_in; k += 32) {
-            if ((k / 2) % 64 == 0)
-                for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-            for (int r = 0; r < NR; ++r) {
-                const int64_t pg = (n + r) * p.groups_per_row + k / group;
-                const vec s = vset(p.scale[pg]), lo = vset(p.shift[pg]);
-                for (int h = 0; h < HALF; ++h) {
-                    vec even, odd;
-                    load_u4_half(rows[r] + k / 2, h, even, odd);
-                    even = vfma(even, s, lo);
-                    odd = vfma(odd, s, lo);
-                    for (int i = 0; i < MR; ++i) {
-                        const float *xb = xm + i * k_in + k + h * W;
-                        acc[r][i] = vfma(even, vload(xb), acc[r][i]);
-                        acc[r][i] = vfma(odd, vload(xb + 16), acc[r][i]);
-                    }
-                }
-            }
-        }
-    } else if constexpr (is_int4<KIND>) {
+    if constexpr (is_int4<KIND>) {
         // x rounded to 16 bits (xq, scale xs per row): codes times xq summed exactly in int32
         // (vpmaddwd: 16 multiply-adds per instruction), then scaled per group in float32.
         const int64_t groups = p.groups_per_row;
@@ -169,7 +147,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
             float y = vsum(acc[r][i]);
             if (KIND == 2)  // codes were read as q, not q - 128
                 y = y * p.scale[n + r] + (p.shift[n + r] - 128.f * p.scale[n + r]) * xsum[i];
-            if constexpr (is_int4<KIND> && MR <= 2)  // xq's scale; the groups' shift terms, one dot product per row
+            if constexpr (is_int4<KIND>)  // xq's scale; the groups' shift terms, one dot product per row
                 y = y * in.xscale[i] + dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             out[i * n_out + r] = y;
         }
@@ -181,10 +159,11 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
 template <int KIND, int NR>
 inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const Input &xs, int64_t k_in, float *ys,
                           int64_t n_out) {
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    constexpr int64_t step = is_int4<KIND> ? 2 : MB;  // int4: int32 partials and float sums per x row
+    for (int64_t m0 = 0; m0 < M; m0 += step) {
         const Input xm = xs.from(m0, k_in);
         float *out = ys + m0 * n_out + n;
-        switch (std::min<int64_t>(MB, M - m0)) {
+        switch (std::min<int64_t>(step, M - m0)) {
         case 1: tile<KIND, NR, 1>(p, n, xm, k_in, out, n_out); break;
         case 2: tile<KIND, NR, 2>(p, n, xm, k_in, out, n_out); break;
         case 3: tile<KIND, NR, 3>(p, n, xm, k_in, out, n_out); break;
@@ -208,21 +187,26 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
 }
 
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
-// grid of quant.round_input_int16), and each 32-element block reordered evens-then-odds, the
-// order the int4 tiles read; `grid` gets s * xq as float32 in the same order.
-void round_int4_input(const float *x, int64_t M, int64_t k_in, int16_t *xq, float *xscale, float *grid) {
+// grid of quant.round_input_int16), each 32-element block reordered evens-then-odds, the order
+// the int4 tiles read; sums[i, g] = s * sum of group g's xq (the rounded x's sum, exactly).
+void round_int4_input(const float *x, int64_t M, int64_t k_in, int64_t group, int16_t *xq, float *xscale,
+                      float *sums) {
     for (int64_t i = 0; i < M; ++i) {
         const float *row = x + i * k_in;
         float top = 0.f;
         for (int64_t k = 0; k < k_in; ++k) top = std::max(top, std::fabs(row[k]));
         const float s = top > 0.f ? top / 32767.f : 1.f;
         xscale[i] = s;
-        for (int64_t b = 0; b < k_in; b += 32)
-            for (int j = 0; j < 32; ++j) {
-                const int64_t to = i * k_in + b + (j % 2) * 16 + j / 2;
-                xq[to] = (int16_t)std::nearbyint(row[b + j] / s);
-                grid[to] = s * xq[to];
-            }
+        for (int64_t g = 0; g < k_in / group; ++g) {
+            int64_t total = 0;
+            for (int64_t b = g * group; b < (g + 1) * group; b += 32)
+                for (int j = 0; j < 32; ++j) {
+                    const int16_t q = (int16_t)std::nearbyint(row[b + j] / s);
+                    xq[i * k_in + b + (j % 2) * 16 + j / 2] = q;
+                    total += q;
+                }
+            sums[i * (k_in / group) + g] = s * (float)total;
+        }
     }
 }
 
@@ -252,31 +236,26 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     std::vector<int64_t> offsets(parts + 1, 0);
     for (size_t j = 0; j < parts; ++j) offsets[j + 1] = offsets[j] + ps[j].n;
     const int64_t n_total = offsets[parts];
-    // int4 tiles read x rounded and deinterleaved; quantized kinds need sum(x) per group (int8:
-    // per row) for the shift term. Scratch reused across calls: the decode step calls this per layer.
-    thread_local std::vector<float> reordered, sums, xscale;
+    // int4 tiles read x rounded to 16 bits and deinterleaved; quantized kinds need sum(x) per
+    // group (int8: per row) for the shift term. Scratch reused across calls: the decode step
+    // calls this per layer.
+    thread_local std::vector<float> sums, xscale;
     thread_local std::vector<int16_t> xq;
-    Input xs{x, nullptr, nullptr, nullptr, 0};
+    const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
+    sums.resize(M * sum_stride);
+    Input xs{x, nullptr, nullptr, sums.data(), sum_stride};
     if (kind == 3) {
-        reordered.resize(M * k_in);
         xq.resize(M * k_in);
         xscale.resize(M);
-        round_int4_input(x, M, k_in, xq.data(), xscale.data(), reordered.data());
-        xs = {reordered.data(), xq.data(), xscale.data(), nullptr, 0};
+        round_int4_input(x, M, k_in, group, xq.data(), xscale.data(), sums.data());
+        xs = {nullptr, xq.data(), xscale.data(), sums.data(), sum_stride};
+    } else if (kind == 2) {
+        for (int64_t i = 0; i < M; ++i) {
+            vec acc = vzero();
+            for (int64_t k = 0; k < k_in; k += W) acc = vadd(acc, vload(x + i * k_in + k));
+            sums[i] = vsum(acc);
+        }
     }
-    const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
-    if (kind == 2 || kind == 3) {
-        sums.assign(M * sum_stride, 0.f);
-        for (int64_t i = 0; i < M; ++i)
-            for (int64_t g = 0; g < sum_stride; ++g) {
-                const float *xg = xs.x + i * k_in + g * group;
-                vec acc = vzero();
-                for (int64_t k = 0; k < group; k += W) acc = vadd(acc, vload(xg + k));
-                sums[i * sum_stride + g] = vsum(acc);
-            }
-    }
-    xs.sums = sums.data();
-    xs.sum_stride = sum_stride;
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
         for (size_t j = 0; j < parts; ++j) {
             const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
