@@ -95,9 +95,8 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
         const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
         const __m256i low = _mm256_set1_epi16(0xF);
         for (int64_t g = 0; g < groups; ++g) {
-            vec gacc[NR][MR];
-            for (int r = 0; r < NR; ++r)
-                for (int i = 0; i < MR; ++i) gacc[r][i] = vzero();
+            vec s[NR];
+            for (int r = 0; r < NR; ++r) s[r] = vset(p.scale[(n + r) * groups + g]);
             for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
                 __m256i part[NR][MR];
                 for (int r = 0; r < NR; ++r)
@@ -105,25 +104,20 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
                 for (int64_t k = c; k < c + chunk; k += 32) {
                     if ((k / 2) % 64 == 0)
                         for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-                    __m256i xe[MR], xo[MR];
-                    for (int i = 0; i < MR; ++i) {
-                        xe[i] = _mm256_loadu_si256((const __m256i *)(in.xq + i * k_in + k));
-                        xo[i] = _mm256_loadu_si256((const __m256i *)(in.xq + i * k_in + k + 16));
-                    }
                     for (int r = 0; r < NR; ++r) {
                         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
                         const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
-                        for (int i = 0; i < MR; ++i)
-                            part[r][i] = _mm256_add_epi32(part[r][i], _mm256_add_epi32(_mm256_madd_epi16(even, xe[i]),
-                                                                                      _mm256_madd_epi16(odd, xo[i])));
+                        for (int i = 0; i < MR; ++i) {
+                            const int16_t *xb = in.xq + i * k_in + k;
+                            const __m256i xe = _mm256_loadu_si256((const __m256i *)xb);
+                            const __m256i xo = _mm256_loadu_si256((const __m256i *)(xb + 16));
+                            part[r][i] = _mm256_add_epi32(part[r][i], _mm256_add_epi32(_mm256_madd_epi16(even, xe),
+                                                                                      _mm256_madd_epi16(odd, xo)));
+                        }
                     }
                 }
                 for (int r = 0; r < NR; ++r)
-                    for (int i = 0; i < MR; ++i) gacc[r][i] = vadd(gacc[r][i], widen_i32(part[r][i]));
-            }
-            for (int r = 0; r < NR; ++r) {
-                const vec s = vset(p.scale[(n + r) * groups + g]);
-                for (int i = 0; i < MR; ++i) acc[r][i] = vfma(gacc[r][i], s, acc[r][i]);
+                    for (int i = 0; i < MR; ++i) acc[r][i] = vfma(widen_i32(part[r][i]), s[r], acc[r][i]);
             }
         }
     } else {
@@ -159,11 +153,10 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
 template <int KIND, int NR>
 inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const Input &xs, int64_t k_in, float *ys,
                           int64_t n_out) {
-    constexpr int64_t step = is_int4<KIND> ? 2 : MB;  // int4: int32 partials and float sums per x row
-    for (int64_t m0 = 0; m0 < M; m0 += step) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const Input xm = xs.from(m0, k_in);
         float *out = ys + m0 * n_out + n;
-        switch (std::min<int64_t>(step, M - m0)) {
+        switch (std::min<int64_t>(MB, M - m0)) {
         case 1: tile<KIND, NR, 1>(p, n, xm, k_in, out, n_out); break;
         case 2: tile<KIND, NR, 2>(p, n, xm, k_in, out, n_out); break;
         case 3: tile<KIND, NR, 3>(p, n, xm, k_in, out, n_out); break;
