@@ -31,7 +31,7 @@ def test_native_module_builds_on_this_cpu():
 
 @needs_native
 @pytest.mark.parametrize("name", ["bfloat16", "float16", *QUANTIZED])
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 200])
 def test_native_linear_equals_reference(name, rows):
     torch.manual_seed(rows)
     out_features, in_features = 200, 384  # 384 = 3 groups of 128, 12 of 32
@@ -77,7 +77,7 @@ def test_native_reads_16bit_bytes_at_odd_addresses():
 
 
 @pytest.mark.parametrize("name", ["float16", "int8", "int4g32"])
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 3, 40, 200])
 def test_fused_linear_equals_its_parts(name, rows):
     """q/k/v and gate/up run as one call in decode: same outputs, side by side, biases included."""
     from flm.kernels import FusedLinear

@@ -123,11 +123,11 @@ class NativeLinear(Linear):
         self.bias = None if bias is None else bias.to(torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .native import DECODE_ROWS, PREFILL_BLOCK, linear_many
+        from .native import PREFILL_BLOCK, linear_many
 
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
-        if flat.shape[0] <= DECODE_ROWS:
+        if flat.shape[0] <= self.params.kernel_rows:
             y = linear_many(flat, [self.params])
         elif self.params.data.dtype == torch.float32:
             y = F.linear(flat, self.params.data)
@@ -149,12 +149,9 @@ class FusedLinear(Linear):
     one per weight); otherwise, and for prefill, each part runs as it would alone."""
 
     def __init__(self, parts: list[Linear]):
-        from .native import DECODE_ROWS
-
         self.parts = parts
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
-        self.decode_rows = DECODE_ROWS
         params = [p.params for p in parts if isinstance(p, NativeLinear)]
         self.native = params if len(params) == len(parts) and all(p.compatible(params[0]) for p in params) else None
         given = [p.bias for p in parts if p.bias is not None]
@@ -164,7 +161,7 @@ class FusedLinear(Linear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.native is None or flat.shape[0] > self.decode_rows:
+        if self.native is None or flat.shape[0] > self.native[0].kernel_rows:
             return torch.cat([p(x) for p in self.parts], dim=-1)
         from .native import linear_many
 

@@ -28,7 +28,13 @@ ISAS = (
 KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3,
         DType.FLOAT32: 4}
 TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
-DECODE_ROWS = 16  # up to this many x rows the kernel reads each weight once; beyond, prefill path
+# Up to this many x rows the SIMD kernel computes from the stored weights (reading each once);
+# beyond, the weights are widened a block at a time for torch's float32 GEMM. Quantized weights
+# stay on the kernel longer: a 128-token prefill of the 1.1B model ran faster there (int4 33 -> 46,
+# int4g 40 -> 47, int8 37 -> 44 tok/s, alternating runs), a 512-token one slower (int4 51 -> 45,
+# int8 54 -> 40); float16/bfloat16 were even at 128.
+KERNEL_ROWS = 16
+KERNEL_ROWS_QUANTIZED = 128
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 
 
@@ -84,6 +90,7 @@ class NativeParams:
         empty = torch.empty(0)
         self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
         self.rounds_input = False  # whether the kernel multiplies round_input_int16(x) (int4)
+        self.kernel_rows = KERNEL_ROWS  # the most x rows computed by the kernel, not a GEMM
         if isinstance(weight, torch.Tensor):
             self.kind = TORCH_KIND[weight.dtype]
             self.data = weight.contiguous()
@@ -92,6 +99,7 @@ class NativeParams:
         if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):  # raw bytes, possibly at an odd address
             self.data = weight.data.reshape(self.n, 2 * self.k)
             return
+        self.kernel_rows = KERNEL_ROWS_QUANTIZED
         if weight.dtype == DType.INT8:
             scale, zero, _ = lowbit_params(weight.mins, weight.maxs, 8, no_zero=False)
             self.scale, self.shift = scale.contiguous(), ((128.0 - zero) * scale).contiguous()
