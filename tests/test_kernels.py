@@ -51,6 +51,22 @@ def test_native_linear_equals_reference(name, rows):
     torch.testing.assert_close(lin.dense(), dense, rtol=1e-6, atol=1e-6 * float(dense.abs().max()))
 
 
+@needs_native
+def test_int4_rows_longer_than_one_int32_chunk():
+    """Per-row int4 sums a row in int32 chunks of 4096; a row of 5632 (the 1.1B model's down
+    projection) ends inside its second chunk."""
+    torch.manual_seed(7)
+    w = torch.randn(24, 5632) * 0.05
+    q = quantize(w, DType.INT4_NOZERO, 128)
+    lin = make_linear(q, (24, 5632))
+    assert isinstance(lin, NativeLinear)
+    x = torch.randn(3, 5632)
+    expected = round_input_int16(x).double() @ ReferenceLinear(q, (24, 5632), None).dense().double().T
+    for rows in (1, 3):
+        got = lin(x[:rows]).double()
+        assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
+
+
 def test_int4_input_rounds_each_row_to_16_bits():
     x = torch.randn(3, 256)
     x[1] = 0.0

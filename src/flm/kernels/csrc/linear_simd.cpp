@@ -89,7 +89,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
     const int64_t ahead = NR * p.row_bytes;
     if constexpr (is_int4<KIND>) {
-        // x rounded to 16 bits (xq, scale xs per row): codes times xq summed exactly in int32
+        // x rounded to 16 bits (xq, scale xscale per row): codes times xq summed exactly in int32
         // (vpmaddwd: 16 multiply-adds per instruction), then scaled per group in float32.
         const int64_t groups = p.groups_per_row;
         const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
@@ -101,7 +101,8 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
                 __m256i part[NR][MR];
                 for (int r = 0; r < NR; ++r)
                     for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-                for (int64_t k = c; k < c + chunk; k += 32) {
+                const int64_t stop = std::min(c + chunk, (g + 1) * group);  // a group need not be whole chunks
+                for (int64_t k = c; k < stop; k += 32) {
                     if ((k / 2) % 64 == 0)
                         for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
                     for (int r = 0; r < NR; ++r) {
