@@ -222,39 +222,55 @@ def lowbit_params(mins: torch.Tensor, maxs: torch.Tensor, bit: int, no_zero: boo
     return scale, zero, lo
 
 
-def _unpack_nibbles(data: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """fastllm packs the flat element sequence, high nibble first."""
-    flat = data.reshape(-1)
-    out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=flat.device)
-    out[0::2] = flat >> 4
-    out[1::2] = flat & 0xF
-    return out[: rows * cols].reshape(rows, cols)
+def _unpack_nibbles(data: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Elements first..first+count of fastllm's packed sequence (high nibble first), as uint8."""
+    lo, hi = first // 2, (first + count + 1) // 2
+    part = data.reshape(-1)[lo:hi]
+    out = torch.stack((part >> 4, part & 0xF), dim=-1).reshape(-1)
+    skip = first - 2 * lo
+    return out[skip: skip + count]
+
+
+class Dequantizer:
+    """fastllm's dequantization of one stored matrix, its per-row (or per-group) scale and
+    offset computed once: `rows(start, stop)` gives those rows in float32 on the data's device.
+    The reference path and GPUs widen blocks of rows with it at every call, so it does per
+    element only the formula's own two operations (no per-element index tensors)."""
+
+    def __init__(self, q: Quantized, shape: tuple[int, int]):
+        if q.dtype not in (DType.INT8, DType.INT4, DType.INT4_NOZERO, DType.INT4_GROUP):
+            raise UnsupportedDtypeError(f"{q.dtype.name} is not a quantized type")
+        self.q = q
+        self.out_features, self.in_features = shape
+        # INT8/INT4: scale * (q - zero); INT4_NOZERO/INT4_GROUP: min + scale * q
+        self.with_zero = q.dtype in (DType.INT8, DType.INT4)
+        # on the CPU, whatever the data's device: CUDA divides by a constant as a multiplication by
+        # its reciprocal, which moved int8 zero points of 127.5 from 128 to 127 on a GPU
+        scale, zero, lo = lowbit_params(q.mins.cpu(), q.maxs.cpu(), 8 if q.dtype == DType.INT8 else 4, not self.with_zero)
+        device = q.data.device
+        self.scale, self.offset = scale.to(device), (zero if self.with_zero else lo).to(device)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        n, cols = stop - start, self.in_features
+        if self.q.dtype == DType.INT8:
+            vals = self.q.data.reshape(-1)[start * cols: stop * cols].reshape(n, cols)
+        else:
+            vals = _unpack_nibbles(self.q.data, start * cols, n * cols).reshape(n, cols)
+        vals = vals.to(torch.float32)
+        if self.q.dtype == DType.INT4_GROUP:
+            # element j of a row uses group j // group_cnt; fastllm pads a row to group * group_cnt
+            groups, per = self.q.group, self.q.group_cnt
+            padded = torch.nn.functional.pad(vals, (0, groups * per - cols)).view(n, groups, per)
+            scale = self.scale[start * groups: stop * groups].view(n, groups, 1)
+            offset = self.offset[start * groups: stop * groups].view(n, groups, 1)
+            return (offset + scale * padded).view(n, groups * per)[:, :cols]
+        scale, offset = self.scale[start:stop, None], self.offset[start:stop, None]
+        return scale * (vals - offset) if self.with_zero else offset + scale * vals
 
 
 def dequantize(q: Quantized, shape: tuple[int, int]) -> torch.Tensor:
     """The float32 values fastllm computes from stored bytes (reference for every kernel)."""
-    rows, cols = shape
-    if q.dtype == DType.INT8:
-        scale, zero, _ = lowbit_params(q.mins, q.maxs, 8, no_zero=False)
-        vals = q.data.reshape(rows, cols).to(torch.float32)
-        return scale[:, None] * (vals - zero[:, None])
-    if q.dtype == DType.INT4:
-        scale, zero, _ = lowbit_params(q.mins, q.maxs, 4, no_zero=False)
-        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
-        return scale[:, None] * (vals - zero[:, None])
-    if q.dtype == DType.INT4_NOZERO:
-        scale, _, lo = lowbit_params(q.mins, q.maxs, 4, no_zero=True)
-        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
-        return lo[:, None] + scale[:, None] * vals
-    if q.dtype == DType.INT4_GROUP:
-        scale, _, lo = lowbit_params(q.mins, q.maxs, 4, no_zero=True)
-        vals = _unpack_nibbles(q.data, rows, cols).to(torch.float32)
-        # fastllm pads each row to group * group_cnt; element j uses config j // group_cnt
-        device = q.data.device
-        col_group = torch.arange(cols, device=device) // q.group_cnt
-        idx = torch.arange(rows, device=device)[:, None] * q.group + col_group[None, :]
-        return lo[idx] + scale[idx] * vals
-    raise UnsupportedDtypeError(f"{q.dtype.name} is not a quantized type")
+    return Dequantizer(q, shape).rows(0, shape[0])
 
 
 # ---------------------------------------------------------------- what int4 linears multiply
@@ -269,7 +285,9 @@ def round_input_int16(x: torch.Tensor) -> torch.Tensor:
     the rounding moves each value by at most 1/65534 of its row's largest (fastllm rounds its
     int4 linears' input to 8 bits). Every int4 path (kernels, prefill, reference) applies it."""
     top = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(top > 0, top / 32767.0, torch.ones_like(top))
+    # a tensor divisor: CUDA turns division by a Python number into a multiplication by its
+    # reciprocal, a last-bit difference from the CPU's s
+    scale = torch.where(top > 0, top / torch.full_like(top, 32767.0), torch.ones_like(top))
     return torch.round(x / scale) * scale
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import FLOAT_DTYPES, INT16_INPUT_DTYPES, DType, Quantized, dequantize, lowbit_params, round_input_int16
+from ..quant import FLOAT_DTYPES, INT16_INPUT_DTYPES, Dequantizer, DType, Quantized, lowbit_params, round_input_int16
 
 ROW_CHUNK = 4096  # rows dequantized at a time by the reference path
 
@@ -52,31 +52,25 @@ class FloatLinear(Linear):
 
 class ReferenceLinear(Linear):
     """Any quantized weight: dequantize a block of rows with fastllm's formula, multiply (int4
-    weights: by the input rounded as `round_input_int16` says)."""
+    weights: by the input rounded as `round_input_int16` says). Also the GPU path: there the
+    widening runs on the device, a block at a time."""
 
     def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
-        self.q = q
+        self.dequantizer = Dequantizer(q, shape)
+        self.rounds_input = q.dtype in INT16_INPUT_DTYPES
         self.out_features, self.in_features = shape
         self.bias = None if bias is None else bias.to(torch.float32)
-        self._row_bytes = q.data.numel() // shape[0] if shape[0] else 0
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        per_row = self.q.group if self.q.dtype == DType.INT4_GROUP else 1
-        part = Quantized(self.q.dtype, self.q.mins[start * per_row: stop * per_row],
-                         self.q.maxs[start * per_row: stop * per_row],
-                         self.q.data[start * self._row_bytes: stop * self._row_bytes], self.q.group, self.q.group_cnt)
-        return dequantize(part, (stop - start, self.in_features))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q.dtype in INT16_INPUT_DTYPES:
+        if self.rounds_input:
             x = round_input_int16(x)
-        outs = [F.linear(x, self._rows(s, min(s + ROW_CHUNK, self.out_features)))
+        outs = [F.linear(x, self.dequantizer.rows(s, min(s + ROW_CHUNK, self.out_features)))
                 for s in range(0, self.out_features, ROW_CHUNK)]
         y = torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
-        return dequantize(self.q, (self.out_features, self.in_features))
+        return self.dequantizer.rows(0, self.out_features)
 
 
 class Int8Linear(Linear):
