@@ -4,9 +4,11 @@ llama-cpp-python, each engine in its own child process (for a clean peak RSS), a
     python bench/run.py                      # the 1.1B LLaMA, every dtype, 2 threads
     python bench/run.py --model smollm2      # SmolLM2-135M-Instruct
     python bench/run.py --engines flm --dtypes int4g
+    python bench/run.py --device cuda        # flm's CUDA path beside transformers on the same GPU
 
 Prints prefill and decode tokens/s, time to first token, peak RSS, decode effective GB/s against
-the measured memory bandwidth, and the ratios of flm to each peer. Every engine is timed alike:
+the measured memory bandwidth (the GPU's with --device cuda, where peak GPU memory is added and
+transformers float16 is float16's peer), and the ratios of flm to each peer. Every engine is timed alike:
 time to first token is its first prompt after loading; prefill tokens/s is the same prompt run
 again after decoding (steady state: no first-touch of weight pages or one-time set-up).
 """
@@ -24,44 +26,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flm.bench import bandwidth_gbs, measure_flm, peak_rss_gb, prompt_ids  # noqa: E402
+from flm.bench import bandwidth_gbs, measure_flm, peak_gpu_gb, peak_rss_gb, prompt_ids, synchronize  # noqa: E402
 
 FLM_DTYPES = ("float16", "bfloat16", "int8", "int4", "int4g")
-PEER_DTYPE = {"float16": ("F16", "bf16"), "bfloat16": ("F16", "bf16"), "int8": ("Q8_0", None),
-              "int4": ("Q4_0", None), "int4g": ("Q4_0", None)}
+GGUF_PEER = {"float16": "F16", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_0", "int4g": "Q4_0"}
 
 
 # ------------------------------------------------------------------ engines (run in a child)
 
-def run_flm(path: str, prompt: int, gen: int) -> dict:
-    return measure_flm(path, prompt, gen).as_dict()
+def run_flm(path: str, prompt: int, gen: int, device: str) -> dict:
+    return measure_flm(path, prompt, gen, device).as_dict()
 
 
-def run_transformers(model_dir: str, dtype: str, prompt: int, gen: int) -> dict:
+def run_transformers(model_dir: str, dtype: str, prompt: int, gen: int, device: str) -> dict:
+    """transformers' own forward with its KV cache, greedy, each token read back to the host as
+    flm's bench does."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    synchronize(device)
     load_s = time.perf_counter() - start
-    ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt)])
+    ids = torch.tensor([prompt_ids(model.config.vocab_size, prompt)], device=device)
     with torch.no_grad():
         start = time.perf_counter()
         out = model(ids, use_cache=True)
+        token = int(out.logits[0, -1].argmax())
         ttft = time.perf_counter() - start
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past = out.past_key_values
         start = time.perf_counter()
         for _ in range(gen):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(torch.tensor([[token]], device=device), past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         decode = time.perf_counter() - start
+        synchronize(device)
         start = time.perf_counter()
         model(ids, use_cache=True)
+        synchronize(device)
         prefill = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     return {"load_s": load_s, "ttft_s": ttft, "prefill_tps": prompt / prefill, "decode_tps": gen / decode,
-            "weight_bytes": weight_bytes}
+            "weight_bytes": weight_bytes, "peak_gpu_gb": peak_gpu_gb(device)}
 
 
 def run_llamacpp(gguf: str, prompt: int, gen: int, threads: int) -> dict:
@@ -94,9 +101,9 @@ def child_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     if args.engine == "flm":
-        result = run_flm(args.path, args.prompt, args.gen)
+        result = run_flm(args.path, args.prompt, args.gen, args.device)
     elif args.engine == "transformers":
-        result = run_transformers(args.path, args.dtype, args.prompt, args.gen)
+        result = run_transformers(args.path, args.dtype, args.prompt, args.gen, args.device)
     else:
         result = run_llamacpp(args.path, args.prompt, args.gen, args.threads)
     result["peak_rss_gb"] = peak_rss_gb()
@@ -105,7 +112,7 @@ def child_main(args: argparse.Namespace) -> None:
 
 def in_child(engine: str, path: str, dtype: str, args: argparse.Namespace) -> dict | None:
     cmd = [sys.executable, __file__, "--child", engine, "--path", str(path), "--dtype", dtype, "--prompt",
-           str(args.prompt), "--gen", str(args.gen), "--threads", str(args.threads)]
+           str(args.prompt), "--gen", str(args.gen), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -142,7 +149,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path], dict[str, 
         from gguf_models import gguf_for
 
         for dtype in args.dtypes:
-            kind = PEER_DTYPE[dtype][0]
+            kind = GGUF_PEER[dtype]
             try:
                 gguf_files[kind] = gguf_for(src, kind, cache_dir() / "bench" / f"{args.model}-gguf")
             except Exception as exc:  # llama-cpp-python missing or unable to convert
@@ -160,6 +167,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: flm and transformers on the GPU")
     parser.add_argument("--child", choices=("flm", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
@@ -168,33 +176,40 @@ def main() -> None:
         args.engine = args.child
         child_main(args)
         return
+    if "llama.cpp" in args.engines and args.device != "cpu":
+        print("llama.cpp: llama-cpp-python's CPU build is not a GPU peer; comparing the rest", file=sys.stderr)
+        args.engines = [e for e in args.engines if e != "llama.cpp"]
     if "llama.cpp" in args.engines:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print("llama.cpp: llama-cpp-python is not installed; comparing the rest", file=sys.stderr)
             args.engines = [e for e in args.engines if e != "llama.cpp"]
-    bandwidth = bandwidth_gbs()
+    bandwidth = bandwidth_gbs(device=args.device)
     src, flm_files, gguf_files = prepare(args)
-    print(f"model {args.model}, {args.threads} threads, prompt {args.prompt}, generate {args.gen}, "
-          f"measured read bandwidth {bandwidth:.1f} GB/s")
+    print(f"model {args.model}, device {args.device}, {args.threads} threads, prompt {args.prompt}, "
+          f"generate {args.gen}, measured read bandwidth {bandwidth:.1f} GB/s")
     rows = []
     done_peers: dict[tuple[str, str], dict] = {}
     for dtype in args.dtypes:
         flm = in_child("flm", str(flm_files[dtype]), dtype, args)
         peers = {}
-        gguf_kind, hf_dtype = PEER_DTYPE[dtype]
+        gguf_kind = GGUF_PEER[dtype]
+        # transformers bf16 is every dtype's peer; on a GPU float16 also meets transformers fp16
+        # (a CPU has no float16 matrix units: there it is no real peer)
+        hf_dtype = "fp16" if args.device != "cpu" and dtype == "float16" else "bf16"
         if "llama.cpp" in args.engines and gguf_kind in gguf_files:
             key = ("llama.cpp", gguf_kind)
             done_peers.setdefault(key, in_child("llama.cpp", str(gguf_files[gguf_kind]), gguf_kind, args))
             peers[f"llama.cpp {gguf_kind}"] = done_peers[key]
         if "transformers" in args.engines:
-            key = ("transformers", "bf16")
-            done_peers.setdefault(key, in_child("transformers", str(src), "bf16", args))
-            peers["transformers bf16"] = done_peers[key]
+            key = ("transformers", hf_dtype)
+            done_peers.setdefault(key, in_child("transformers", str(src), hf_dtype, args))
+            peers[f"transformers {hf_dtype}"] = done_peers[key]
         rows.append((dtype, flm, peers))
+    gpu = args.device != "cpu"
     print(f"{'engine':<24} {'prefill tok/s':>13} {'decode tok/s':>12} {'TTFT s':>7} {'peak RSS GB':>11} "
-          f"{'decode GB/s':>11} {'% of bw':>7}")
+          f"{'decode GB/s':>11} {'% of bw':>7}" + (f" {'GPU GB':>7}" if gpu else ""))
     seen = set()
     for dtype, flm, peers in rows:
         for name, result in [(f"flm {dtype}", flm)] + list(peers.items()):
@@ -203,7 +218,8 @@ def main() -> None:
             seen.add(name)
             gbs = result["weight_bytes"] * result["decode_tps"] / 1e9
             print(f"{name:<24} {result['prefill_tps']:>13.1f} {result['decode_tps']:>12.2f} {result['ttft_s']:>7.2f} "
-                  f"{result['peak_rss_gb']:>11.2f} {gbs:>11.1f} {gbs / bandwidth:>7.0%}")
+                  f"{result['peak_rss_gb']:>11.2f} {gbs:>11.1f} {gbs / bandwidth:>7.0%}"
+                  + (f" {result['peak_gpu_gb']:>7.2f}" if gpu else ""))
     print("\nratios (flm / peer): prefill, decode")
     for dtype, flm, peers in rows:
         for name, result in peers.items():

@@ -1,6 +1,7 @@
 """Speed figures for one .flm model: prefill and decode tokens/s, time to first token, peak RSS
-and decode's effective weight bandwidth against the machine's measured read bandwidth. Used by
-`flm bench FILE.flm` and by bench/run.py (which puts peers beside it)."""
+(and peak GPU memory on CUDA) and decode's effective weight bandwidth against the device's
+measured read bandwidth. Used by `flm bench FILE.flm` and by bench/run.py (which puts peers
+beside it)."""
 
 from __future__ import annotations
 
@@ -24,18 +25,28 @@ class SpeedResult:
     first_token_rss_gb: float  # resident right after the first token (prefill done)
     kv_cache_bytes: int
     peak_rss_gb: float  # process peak over the whole run
+    peak_gpu_gb: float | None = None  # torch's peak allocation on the GPU (CUDA runs only)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def bandwidth_gbs(gigabytes: float = 2.0, repeats: int = 5) -> float:
-    """Read bandwidth: torch sum over a `gigabytes` float32 tensor, best of `repeats`."""
-    x = torch.ones(int(gigabytes * 1e9 / 4), dtype=torch.float32)
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so that a timer read after it covers that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bandwidth_gbs(gigabytes: float = 2.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth of `device`'s memory: torch sum over a `gigabytes` float32 tensor, best of
+    `repeats`."""
+    x = torch.ones(int(gigabytes * 1e9 / 4), dtype=torch.float32, device=device)
     best = 0.0
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         x.sum()
+        synchronize(device)
         best = max(best, x.numel() * 4 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -56,6 +67,13 @@ def peak_rss_gb() -> float:
     return _status_gb("VmHWM")
 
 
+def peak_gpu_gb(device: str | torch.device) -> float | None:
+    """torch's peak GPU allocation in this process (None off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
 def rss_gb() -> float:
     return _status_gb("VmRSS")
 
@@ -67,7 +85,8 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu") -> SpeedResult:
     """Load `path`, prefill `prompt` tokens in one pass (time to first token), decode `gen` tokens
-    greedily, then prefill the prompt again: prefill tokens/s is that second, steady-state pass."""
+    greedily, then prefill the prompt again: prefill tokens/s is that second, steady-state pass.
+    Each greedy token is read back to the host, so decode timings include the GPU's work."""
     from . import llm
 
     baseline = rss_gb()
@@ -86,14 +105,17 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     for _ in range(gen):
         token = int(transformer.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
     decode = time.perf_counter() - start
+    synchronize(device)
     start = time.perf_counter()  # steady-state prefill: the first one also maps the weights' pages in
     transformer.forward(torch.tensor([ids]), transformer.new_cache(1, prompt + 1))
+    synchronize(device)
     prefill = time.perf_counter() - start
     weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
     return SpeedResult(load_s=load_s, ttft_s=ttft, prefill_tps=prompt / prefill, decode_tps=gen / decode,
                        weight_bytes=weight_bytes, file_bytes=os.path.getsize(path), baseline_rss_gb=baseline,
                        load_peak_rss_gb=load_peak, first_token_rss_gb=first_token_rss,
-                       kv_cache_bytes=cache.nbytes, peak_rss_gb=peak_rss_gb())
+                       kv_cache_bytes=cache.nbytes, peak_rss_gb=peak_rss_gb(), peak_gpu_gb=peak_gpu_gb(device))
+
 
 
 def report(result: SpeedResult, bandwidth: float | None) -> str:
@@ -114,6 +136,8 @@ def report(result: SpeedResult, bandwidth: float | None) -> str:
         f"{above_first:.2f} GB after the first token ({above_first / file_gb:.2f} x; KV cache "
         f"{result.kv_cache_bytes / 1e9:.3f} GB)",
     ]
+    if result.peak_gpu_gb is not None:
+        lines.append(f"GPU memory    {result.peak_gpu_gb:8.2f} GB peak allocated by torch")
     if bandwidth:
         lines.append(f"bandwidth     {bandwidth:8.1f} GB/s measured (torch sum over 2 GB): decode uses {gbs / bandwidth:.0%}")
     return "\n".join(lines)
