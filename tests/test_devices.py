@@ -8,13 +8,15 @@ from flm.convert import ConvertOptions, convert
 from flm.errors import FlmError
 
 IDS = [1, 450, 4996, 17354, 1701, 29916, 432]
+DTYPES = ["float32", "float16", "bfloat16", "int8", "int4", "int4g"]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("dev")
     paths = {}
-    for dtype in ("float32", "float16", "int8", "int4g"):
+    for dtype in DTYPES:
         paths[dtype] = out / f"{dtype}.flm"
         convert(tiny_dir, paths[dtype], ConvertOptions(dtype=dtype, group_size=32, progress=False))
     return paths
@@ -24,6 +26,10 @@ def _logits(m):
     return m.model.forward(torch.tensor([IDS]), m.model.new_cache(1, 16), last_only=False)[0].float().cpu()
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return float((got.float().cpu() - want).abs().max()) <= 1e-3 * float(want.max() - want.min())
+
+
 def test_cuda_without_gpu_is_a_clear_error(files):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -31,11 +37,43 @@ def test_cuda_without_gpu_is_a_clear_error(files):
         llm.model(files["float32"], device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
-@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4g"])
+@pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x"])
+def test_unknown_device_is_a_clear_error(files, device):
+    with pytest.raises(FlmError, match="use 'cpu' or 'cuda'"):
+        llm.model(files["float32"], device=device)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(files, dtype):
     cpu = _logits(llm.model(files[dtype], reference=True))
     gpu_model = llm.model(files[dtype], device="cuda")
-    gpu = _logits(gpu_model)
-    assert float((gpu - cpu).abs().max()) <= 1e-3 * float(cpu.max() - cpu.min())
+    assert gpu_model.model.embed.device.type == "cuda"
+    assert _close(_logits(gpu_model), cpu)
     assert gpu_model.response("Hello", max_length=4) == llm.model(files[dtype]).response("Hello", max_length=4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "int4g"])
+def test_cuda_batched_decode_matches_cpu(files, dtype):
+    """decode_batch (the server's step) on the GPU: sequences at different positions."""
+
+    def run(m):
+        caches = [m.model.new_cache(1, 32) for _ in range(3)]
+        prompts = [IDS[:3], IDS, IDS[:5]]
+        tokens = [int(m.model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
+        out = []
+        for _ in range(4):
+            logits = m.model.decode_batch(tokens, caches)
+            tokens = logits.argmax(-1).tolist()
+            out.append(logits.float().cpu())
+        return torch.stack(out)
+
+    assert _close(run(llm.model(files[dtype], device="cuda")), run(llm.model(files[dtype], reference=True)))
+
+
+@needs_gpu
+def test_cuda_streams_what_it_answers(files):
+    model = llm.model(files["int8"], device="cuda")
+    pieces = list(model.stream_response("Hello", max_length=6))
+    assert "".join(pieces) == model.response("Hello", max_length=6)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import FlmError
 
+DEVICE_HELP = "cpu (default) or cuda (cuda:N for another GPU), where torch sees one"
 DTYPE_HELP = ("weight type of the linear layers: float32, float16, bfloat16, int8 (per-row), "
               "int4 (fastllm per-row int4), int4g (group-wise int4, see --group-size). "
               "Embeddings and norms stay float32, as fastllm stores them")
@@ -44,7 +45,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure_flm(args.file, args.prompt, args.gen, args.device)
-    bandwidth = None if args.no_bandwidth else bandwidth_gbs()  # after: its 2 GB buffer would mask the peak RSS
+    # after: its 2 GB buffer would mask the peak memory
+    bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
     print(f"{args.file}: {torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
     print(report(result, bandwidth))
     return 0
@@ -117,15 +119,15 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not report.verdict.startswith("MISMATCH") else 1
 
 
-def _load_model(path: str | None, dtype: str = "float32"):
+def _load_model(path: str | None, device: str = "cpu"):
     from . import llm
 
     if path is None:
         from .builtin import smollm2_flm
 
-        path = str(smollm2_flm(dtype))
+        path = str(smollm2_flm("float32"))
         print(f"flm: using the built-in SmolLM2-135M-Instruct ({path})", file=sys.stderr)
-    return llm.model(path), path
+    return llm.model(path, device=device), path
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +142,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
-    model, _ = _load_model(args.file)
+    model, _ = _load_model(args.file, args.device)
     if args.template:
         from .templates import preset
 
@@ -156,7 +158,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import threading
 
-    model, path = _load_model(args.file)
+    model, path = _load_model(args.file, args.device)
     name = args.model_name or Path(path).stem
     app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
                      max_batch=args.max_batch, max_queue=args.max_queue, background_scheduler=False)
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("file", nargs="?", help=".flm file (default: the built-in SmolLM2, converted once)")
     chat.add_argument("--template", help="use this preset instead of the file's (see `flm templates`)")
     chat.add_argument("--system", help="a system message for the conversation")
+    chat.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _sampling_args(chat)
     chat.set_defaults(func=_chat)
 
@@ -273,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     srv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    srv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure prefill/decode speed, memory and bandwidth use of a .flm",
@@ -284,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     bench.add_argument("--gen", type=int, default=64, help="generated tokens (default 64)")
     bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--device", default="cpu", help=DEVICE_HELP)
     bench.add_argument("--no-bandwidth", action="store_true", help="skip the 2 GB bandwidth measurement")
     bench.set_defaults(func=_bench)
 

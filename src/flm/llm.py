@@ -45,6 +45,22 @@ def _config_from_kv(flm: FlmFile) -> ModelConfig:
     return find_family(raw).config(raw)
 
 
+def _checked_device(device: str | torch.device | None) -> str:
+    """'cpu' or a CUDA device torch can use, else a typed error saying what to pass."""
+    try:
+        parsed = torch.device(device or "cpu")
+    except RuntimeError:
+        raise FlmError(f"unknown device {str(device)!r}; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise FlmError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda' (or 'cuda:N')")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlmError(f"device={str(device)!r} was asked for but torch sees no CUDA GPU; use device='cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise FlmError(f"device={str(device)!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return str(parsed)
+
+
 class model:  # noqa: N801 - fastllm's class name
     """A loaded .flm model."""
 
@@ -52,9 +68,7 @@ class model:  # noqa: N801 - fastllm's class name
                  reference: bool = False, device: str | None = None):
         if lora is not None:
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
-        device = str(device or "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise FlmError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+        device = _checked_device(device)
         self._flm = read_flm(path)
         self.config = _config_from_kv(self._flm)
         self.model = Transformer.from_flm(self._flm, self.config, reference=reference, device=device)
@@ -203,11 +217,12 @@ class model:  # noqa: N801 - fastllm's class name
 
 def from_hf(model: Any, tokenizer: Any = None, pre_prompt: str | None = None, user_role: str | None = None,
             bot_role: str | None = None, history_sep: str | None = None, dtype: str = "float16",
-            **kwargs: Any) -> "model":
+            device: str | None = None, **kwargs: Any) -> "model":
     """The cookbook's two-line acceleration: a transformers model -> an flm model in memory.
 
     The weights are streamed into a temporary .flm that is memory-mapped and unlinked at once,
-    so nothing is left on disk and the same loader serves files and live models.
+    so nothing is left on disk and the same loader serves files and live models. `device` as in
+    `model(path, device=...)`.
     """
     from .torch2flm import tofile
 
@@ -216,7 +231,7 @@ def from_hf(model: Any, tokenizer: Any = None, pre_prompt: str | None = None, us
     try:
         tofile(path, model, tokenizer, pre_prompt=pre_prompt, user_role=user_role, bot_role=bot_role,
                history_sep=history_sep, dtype=dtype, progress=kwargs.pop("progress", False), **kwargs)
-        return globals()["model"](path)
+        return globals()["model"](path, device=device)
     finally:
         if os.path.exists(path):
             os.unlink(path)
