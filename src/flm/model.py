@@ -6,12 +6,15 @@ A KVCache preallocates keys and values for `batch` sequences of up to `max_len` 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .cuda_graphs import graphed_step
 from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
@@ -54,6 +57,7 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length = 0  # tokens stored (same for every sequence in this simple cache)
         self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.graph_step = None  # a CUDA graph recorded over this storage (cuda_graphs.GraphedStep)
 
     INITIAL = 512
 
@@ -78,6 +82,7 @@ class KVCache:
                 store[i] = grown
         self.capacity = new_capacity
         self._views.clear()
+        self.graph_step = None  # it wrote to the old tensors
 
     @property
     def nbytes(self) -> int:
@@ -99,7 +104,7 @@ class EmbeddingTable:
         return self.rows.device
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        picked = self.rows[tokens]
+        picked = self.rows.index_select(0, tokens.reshape(-1)).reshape(*tokens.shape, -1)
         if picked.dtype == torch.uint8:
             picked = picked.view(self.dtype)
         return picked.to(torch.float32)
@@ -123,6 +128,8 @@ class Transformer:
         self.device = device
         # one-token steps in one C++ call when every layer is on the SIMD kernels (else None)
         self.decode_step = build_decode_step(cfg, layers)
+        # on a GPU, one-sequence decode steps replay a CUDA graph (FLM_CUDA_GRAPHS=0: eager)
+        self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -193,6 +200,12 @@ class Transformer:
         cache.reserve(start + seq)
         if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
             raise ValueError(f"token id outside 0..{cfg.vocab_size - 1}")
+        if seq == 1 and batch == 1:
+            graphed = graphed_step(self, cache)
+            if graphed is not None:
+                logits = graphed(int(tokens[0, 0]), start)
+                cache.length = start + 1
+                return logits
         tokens = tokens.to(self.embed.device)
         x = self.embed(tokens)
         positions = torch.arange(start, start + seq, device=tokens.device).expand(batch, seq)
@@ -202,22 +215,47 @@ class Transformer:
             x = self._one_token_step(x, views, [start] * batch, cos, sin)
             cache.length = start + 1
             return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
-        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        end = start + seq
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+        groups, end = cfg.num_attention_heads // cfg.num_key_value_heads, start + seq
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.keys[i][:, :, start:end] = k
             cache.values[i][:, :, start:end] = v
-            keys = cache.keys[i][:, :, :end]
-            values = cache.values[i][:, :, :end]
-            attn = _attention(q, keys, values, start, heads // kv_heads, cfg.sliding_window)
-            x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, heads * dim))
-            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+            return _attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], start, groups,
+                              cfg.sliding_window)
+
+        x = self._layers(x, cos, sin, attend)
         cache.length = end
         if last_only:
             x = x[:, -1:]
+        return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Every layer on hidden states x [batch, seq, hidden]; `attend(i, q, k, v)` stores layer
+        i's new keys and values where its caller keeps them and returns attention [batch, heads, seq, dim]."""
+        cfg = self.cfg
+        batch, seq, _ = x.shape
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
+            attn = attend(i, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim))
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+        return x
+
+    def decode_in_place(self, token: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        visible: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """One token of one sequence with every shape fixed by the cache's capacity and every input
+        a tensor where the model lies (what a CUDA graph records): token [1, 1], position [1],
+        cos/sin [1, 1, head_dim], `visible` [capacity] the cache slots the query sees. Writes the
+        token's keys and values at `position`; returns logits [1, 1, vocab]."""
+        cfg = self.cfg
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys[i].index_copy_(2, position, k)
+            values[i].index_copy_(2, position, v)
+            return _single_query_attention(q, keys[i], values[i], visible=visible)
+
+        x = self._layers(self.embed(token), cos, sin, attend)
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
 
     @torch.inference_mode()
@@ -238,13 +276,8 @@ class Transformer:
             for cache in caches:
                 cache.length += 1
             return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
-        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            attn = _decode_attention(i, q, k, v, caches, heads // kv_heads, cfg.sliding_window)
-            x = x + layer.o(attn.transpose(1, 2).reshape(batch, 1, heads * dim))
-            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        x = self._layers(x, cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window))
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
@@ -294,16 +327,20 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, gr
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+                            visible: torch.Tensor | None = None) -> torch.Tensor:
     """One new query per sequence (decode): q [B, heads, 1, dim] over k, v [B, kv_heads, L, dim].
     The query heads sharing a KV head are stacked as rows of one small matmul, so grouped-query
     caches are never copied (repeat_interleave of the whole cache cost more than the layer's
     weights on small models), and no mask is needed: a last query sees every key but those
-    beyond the sliding window."""
+    beyond the sliding window. With `visible` [L] (a CUDA graph's step over the whole cache) the
+    hidden slots are masked instead."""
     if window is not None and k.shape[2] > window:
         k, v = k[:, :, -window:], v[:, :, -window:]
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     stacked = q.reshape(batch, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(stacked, k.transpose(-1, -2)) * dim ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(batch, heads, 1, dim)
