@@ -107,7 +107,7 @@ class Int8Linear(Linear):
 class NativeLinear(Linear):
     """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations (int4:
     rounded to 16 bits) and accumulation, each weight read once per call, up to `kernel_rows`
-    input rows (16; 128 for quantized weights); longer prompts widen blocks of weight rows to
+    input rows (48; 128 for quantized weights); longer prompts widen blocks of weight rows to
     float32 for torch's GEMM. The weight bytes are used in place (memory-mapped from the file)."""
 
     def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
@@ -118,20 +118,7 @@ class NativeLinear(Linear):
         self.bias = None if bias is None else bias.to(torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .native import PREFILL_BLOCK, linear_many
-
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).contiguous()
-        if flat.shape[0] <= self.params.kernel_rows:
-            y = linear_many(flat, [self.params])
-        elif self.params.data.dtype == torch.float32:
-            y = F.linear(flat, self.params.data)
-        else:
-            if self.params.rounds_input:
-                flat = round_input_int16(flat)
-            y = torch.cat([F.linear(flat, self.params.rows(s, min(s + PREFILL_BLOCK, self.out_features)))
-                           for s in range(0, self.out_features, PREFILL_BLOCK)], dim=-1)
-        y = y.reshape(*shape[:-1], self.out_features)
+        y = native_product(x, [self.params]).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
@@ -141,7 +128,8 @@ class NativeLinear(Linear):
 class FusedLinear(Linear):
     """Linears that read the same input (q/k/v, gate/up) as one, outputs side by side. With the
     SIMD kernels a decode step computes all parts in one call (one parallel region instead of
-    one per weight); otherwise, and for prefill, each part runs as it would alone."""
+    one per weight) and a prefill writes all parts' GEMMs into one result; otherwise each part
+    runs as it would alone."""
 
     def __init__(self, parts: list[Linear]):
         self.parts = parts
@@ -154,17 +142,27 @@ class FusedLinear(Linear):
                                for p in parts]) if given else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if self.native is None or flat.shape[0] > self.native[0].kernel_rows:
+        if self.native is None:
             return torch.cat([p(x) for p in self.parts], dim=-1)
-        from .native import linear_many
-
-        y = linear_many(flat.contiguous(), self.native).reshape(*shape[:-1], self.out_features)
+        y = native_product(x, self.native).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])
+
+
+def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
+    """x [..., K] times compatible NativeParams, outputs side by side, as [rows, sum of n]: the
+    SIMD kernel up to `kernel_rows` x rows (each weight read once), else float32 GEMMs over
+    widened blocks (float32 weights: used as they are)."""
+    from .native import linear_many, prefill_gemm
+
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    if flat.shape[0] <= parts[0].kernel_rows:
+        return linear_many(flat, parts)
+    if parts[0].rounds_input:
+        flat = round_input_int16(flat)
+    return prefill_gemm(flat, parts)
 
 
 def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,13 +30,15 @@ KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3
         DType.FLOAT32: 4}
 TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 # Up to this many x rows the SIMD kernel computes from the stored weights (reading each once);
-# beyond, the weights are widened a block at a time for torch's float32 GEMM. Quantized weights
-# stay on the kernel longer: a 128-token prefill of the 1.1B model ran faster there (int4 33 -> 46,
-# int4g 40 -> 47, int8 37 -> 44 tok/s, alternating runs), a 512-token one slower (int4 51 -> 45,
-# int8 54 -> 40); float16/bfloat16 were even at 128.
-KERNEL_ROWS = 16
+# beyond, the weights are widened a block at a time for torch's float32 GEMM (prefill_gemm).
+# 1.1B gate/up, best of 5, kernel vs GEMM: float16 32 rows 17.1 vs 21.6 ms, 48 rows 25.9 vs 27.5,
+# 64 even, 128 61.6 vs 48.7; SmolLM2 float16/float32 favour the kernel to 64. Quantized weights
+# stay on the kernel longer (int4g 64 rows 24 vs 30 ms, 128 even; a 128-token 1.1B prefill ran
+# faster there than on the earlier GEMM path: int4 33 -> 46, int8 37 -> 44 tok/s).
+KERNEL_ROWS = 48
 KERNEL_ROWS_QUANTIZED = 128
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
+TRANSPOSED_BELOW = 256  # prompts shorter than this compute their GEMMs transposed (see prefill_gemm)
 
 
 def cpu_isa() -> tuple[str, list[str]] | None:
@@ -89,8 +92,6 @@ class NativeParams:
         self.n, self.k = shape
         empty = torch.empty(0)
         self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
-        self.rounds_input = False  # whether the kernel multiplies round_input_int16(x) (int4)
-        self.kernel_rows = KERNEL_ROWS  # the most x rows computed by the kernel, not a GEMM
         if isinstance(weight, torch.Tensor):
             self.kind = TORCH_KIND[weight.dtype]
             self.data = weight.contiguous()
@@ -99,7 +100,6 @@ class NativeParams:
         if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):  # raw bytes, possibly at an odd address
             self.data = weight.data.reshape(self.n, 2 * self.k)
             return
-        self.kernel_rows = KERNEL_ROWS_QUANTIZED
         if weight.dtype == DType.INT8:
             scale, zero, _ = lowbit_params(weight.mins, weight.maxs, 8, no_zero=False)
             self.scale, self.shift = scale.contiguous(), ((128.0 - zero) * scale).contiguous()
@@ -107,10 +107,19 @@ class NativeParams:
         else:
             scale, _, lo = lowbit_params(weight.mins, weight.maxs, 4, no_zero=True)
             self.scale, self.shift = scale.contiguous(), lo.contiguous()
-            self.rounds_input = True
             if weight.dtype == DType.INT4_GROUP:
                 self.group, self.groups_per_row = weight.group_cnt, weight.group
             self.data = weight.data.reshape(self.n, self.k // 2)
+
+    @property
+    def rounds_input(self) -> bool:
+        """Whether the kernel multiplies round_input_int16(x) (the int4 kinds)."""
+        return self.kind == KIND[DType.INT4_NOZERO]
+
+    @property
+    def kernel_rows(self) -> int:
+        """The most x rows the kernel computes; longer inputs go to prefill_gemm."""
+        return KERNEL_ROWS_QUANTIZED if self.kind in (KIND[DType.INT8], KIND[DType.INT4_NOZERO]) else KERNEL_ROWS
 
     @staticmethod
     def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:
@@ -131,11 +140,15 @@ class NativeParams:
         return (self.kind, self.k, self.group, self.groups_per_row) == (other.kind, other.k, other.group,
                                                                        other.groups_per_row)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
+    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start..stop of W in float32 (into `out` [stop - start, K] when given)."""
         if self.kind == TORCH_KIND[torch.float32]:
             return self.data[start:stop]  # already what a GEMM wants: no copy
-        return native().dequantize_rows(self.kind, self.data, self.scale, self.shift, self.group,
-                                        self.groups_per_row, start, stop, self.k)
+        if out is None:
+            out = torch.empty(stop - start, self.k)
+        native().dequantize_rows(self.kind, self.data, self.scale, self.shift, self.group, self.groups_per_row,
+                                 start, stop, self.k, out)
+        return out
 
 
 def kernel_args(parts: list[NativeParams]) -> tuple:
@@ -143,6 +156,42 @@ def kernel_args(parts: list[NativeParams]) -> tuple:
     first = parts[0]
     return (first.kind, [p.data for p in parts], [p.scale for p in parts], [p.shift for p in parts], first.group,
             first.groups_per_row)
+
+
+_widen_scratch = threading.local()
+
+
+def _widen_buffer(rows: int, k: int) -> torch.Tensor:
+    """This thread's float32 [rows, k] buffer for widened weight blocks, reused across calls."""
+    buf = getattr(_widen_scratch, "buf", None)
+    if buf is None or buf.numel() < rows * k:
+        buf = _widen_scratch.buf = torch.empty(rows * k)
+    return buf[: rows * k].view(rows, k)
+
+
+def prefill_gemm(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
+    """[x W1^T | x W2^T | ...] for many x rows [M, K] (a prompt): each weight widened to float32
+    PREFILL_BLOCK rows at a time into one reused buffer, each block's GEMM written straight into
+    its columns of the result. Fresh blocks (page faults on every 2 MB) and a final
+    concatenation made a 128-row product with a 1.1B up projection 1.4x slower (35.6 -> 25 ms).
+    Below TRANSPOSED_BELOW rows MKL ran faster computing the transposed product (block times
+    x^T, alternating runs: 95 vs 78 GFLOP/s at 128 rows; 100 vs 115 the other way at 512)."""
+    m = x.shape[0]
+    transposed = m < TRANSPOSED_BELOW
+    total = sum(p.n for p in parts)
+    out = torch.empty(total, m) if transposed else torch.empty(m, total)
+    col = 0
+    for p in parts:
+        as_stored = p.kind == TORCH_KIND[torch.float32]  # one GEMM over the weight where it lies
+        for s in range(0, p.n, p.n if as_stored else PREFILL_BLOCK):
+            e = p.n if as_stored else min(s + PREFILL_BLOCK, p.n)
+            block = p.rows(s, e, None if as_stored else _widen_buffer(e - s, p.k))
+            if transposed:
+                torch.mm(block, x.t(), out=out[col + s: col + e])
+            else:
+                torch.mm(x, block.t(), out=out[:, col + s: col + e])
+        col += p.n
+    return out.t().contiguous() if transposed else out
 
 
 def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:

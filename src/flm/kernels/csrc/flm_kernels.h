@@ -33,7 +33,8 @@ void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int
 torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
                      std::vector<int64_t> n_outs, int64_t k_in);
-torch::Tensor dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift,
-                              int64_t group, int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in);
+// Rows [row0, row1) of W as float32, written into `out` ([row1 - row0, k_in], contiguous).
+void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
+                     int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out);
 
 }  // namespace flm

@@ -294,16 +294,17 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
 }
 
 // Rows [row0, row1) of W widened to float32: [row1 - row0, K].
-torch::Tensor dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift,
-                              int64_t group, int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in) {
+void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
+                     int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out) {
     Params p = make_params(kind, w, scale, shift, group, groups_per_row, k_in);
-    auto out = torch::empty({row1 - row0, k_in}, torch::dtype(torch::kFloat));
+    TORCH_CHECK(row0 >= 0 && row0 <= row1 && row1 <= p.n, "rows out of range");
+    TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == (row1 - row0) * k_in,
+                "out must be a contiguous float32 [rows, K] tensor");
     float *os = out.data_ptr<float>();
     at::parallel_for(row0, row1, 16, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n)
             for (int64_t k = 0; k < k_in; k += W) vstore(os + (n - row0) * k_in + k, load_w(p, n, k));
     });
-    return out;
 }
 
 }  // namespace flm
