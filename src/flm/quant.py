@@ -241,7 +241,7 @@ class Dequantizer:
         if q.dtype not in (DType.INT8, DType.INT4, DType.INT4_NOZERO, DType.INT4_GROUP):
             raise UnsupportedDtypeError(f"{q.dtype.name} is not a quantized type")
         self.q = q
-        self.out_features, self.in_features = shape
+        self.in_features = shape[1]
         # INT8/INT4: scale * (q - zero); INT4_NOZERO/INT4_GROUP: min + scale * q
         self.with_zero = q.dtype in (DType.INT8, DType.INT4)
         # on the CPU, whatever the data's device: CUDA divides by a constant as a multiplication by
