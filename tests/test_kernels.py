@@ -31,9 +31,9 @@ def test_native_module_builds_on_this_cpu():
 
 @needs_native
 @pytest.mark.parametrize("name", ["bfloat16", "float16", *QUANTIZED])
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 60, 200, 300])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 64, 65, 200, 300])
 def test_native_linear_equals_reference(name, rows):
-    """Every path: the kernel (up to 48 rows, 128 for quantized weights), then GEMMs over widened
+    """Every path: the kernel (up to 64 rows, 128 for quantized weights), then GEMMs over widened
     blocks of 256 weight rows (300 = two blocks), transposed below 256 x rows."""
     torch.manual_seed(rows)
     out_features, in_features = 300, 384  # 384 = 3 groups of 128, 12 of 32

@@ -31,11 +31,11 @@ KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3
 TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 # Up to this many x rows the SIMD kernel computes from the stored weights (reading each once);
 # beyond, the weights are widened a block at a time for torch's float32 GEMM (prefill_gemm).
-# 1.1B gate/up, best of 5, kernel vs GEMM: float16 32 rows 17.1 vs 21.6 ms, 48 rows 25.9 vs 27.5,
-# 64 even, 128 61.6 vs 48.7; SmolLM2 float16/float32 favour the kernel to 64. Quantized weights
+# 1.1B gate/up, best of 3-5, kernel vs GEMM: float16 32 rows 17.1 vs 21.6 ms, 48 rows 24.0 vs 29.6,
+# 64 32.5 vs 34.7, 128 61.6 vs 48.7; SmolLM2 bfloat16 64 rows 2.6 vs 3.2, float16 96 even. Quantized weights
 # stay on the kernel longer (int4g 64 rows 24 vs 30 ms, 128 even; a 128-token 1.1B prefill ran
 # faster there than on the earlier GEMM path: int4 33 -> 46, int8 37 -> 44 tok/s).
-KERNEL_ROWS = 48
+KERNEL_ROWS = 64
 KERNEL_ROWS_QUANTIZED = 128
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 TRANSPOSED_BELOW = 256  # prompts shorter than this compute their GEMMs transposed (see prefill_gemm)
