@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -41,7 +43,6 @@ def run_flm(path: str, prompt: int, gen: int, device: str) -> dict:
 def run_transformers(model_dir: str, dtype: str, prompt: int, gen: int, device: str) -> dict:
     """transformers' own forward with its KV cache, greedy, each token read back to the host as
     flm's bench does."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -97,8 +98,6 @@ def run_llamacpp(gguf: str, prompt: int, gen: int, threads: int) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    import torch
-
     torch.set_num_threads(args.threads)
     if args.engine == "flm":
         result = run_flm(args.path, args.prompt, args.gen, args.device)
@@ -187,7 +186,8 @@ def main() -> None:
             args.engines = [e for e in args.engines if e != "llama.cpp"]
     bandwidth = bandwidth_gbs(device=args.device)
     src, flm_files, gguf_files = prepare(args)
-    print(f"model {args.model}, device {args.device}, {args.threads} threads, prompt {args.prompt}, "
+    where = args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
+    print(f"model {args.model}, device {where}, {args.threads} threads, prompt {args.prompt}, "
           f"generate {args.gen}, measured read bandwidth {bandwidth:.1f} GB/s")
     rows = []
     done_peers: dict[tuple[str, str], dict] = {}

@@ -47,7 +47,8 @@ def _bench(args: argparse.Namespace) -> int:
     result = measure_flm(args.file, args.prompt, args.gen, args.device)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
-    print(f"{args.file}: {torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
+    where = "" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)}), "
+    print(f"{args.file}: {where}{torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
     print(report(result, bandwidth))
     return 0
 
