@@ -117,7 +117,6 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
                        kv_cache_bytes=cache.nbytes, peak_rss_gb=peak_rss_gb(), peak_gpu_gb=peak_gpu_gb(device))
 
 
-
 def report(result: SpeedResult, bandwidth: float | None) -> str:
     """Human-readable lines for one result."""
     gbs = result.weight_bytes * result.decode_tps / 1e9

@@ -293,7 +293,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
     return y;
 }
 
-// Rows [row0, row1) of W widened to float32: [row1 - row0, K].
+// Rows [row0, row1) of W widened to float32, into the caller's `out` (a reused prefill buffer).
 void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
                      int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out) {
     Params p = make_params(kind, w, scale, shift, group, groups_per_row, k_in);
