@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton's kernels (the GPU's linears) run on the CPU through its interpreter where there is no GPU;
+# set before any kernel module is imported, since triton.jit reads it when it decorates.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA2_TOKENIZER = FIXTURES / "tokenizers" / "llama2"

@@ -52,8 +52,8 @@ class FloatLinear(Linear):
 
 class ReferenceLinear(Linear):
     """Any quantized weight: dequantize a block of rows with fastllm's formula, multiply (int4
-    weights: by the input rounded as `round_input_int16` says). Also the GPU path: there the
-    widening runs on the device, a block at a time."""
+    weights: by the input rounded as `round_input_int16` says). Also the GPU path where Triton
+    is missing: there the widening runs on the device, a block at a time."""
 
     def __init__(self, q: Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
         self.dequantizer = Dequantizer(q, shape)
@@ -151,6 +151,34 @@ class FusedLinear(Linear):
         return torch.cat([p.dense() for p in self.parts])
 
 
+class TritonLinear(Linear):
+    """16-bit and quantized weights on a CUDA device: one Triton kernel reads the stored bytes
+    and widens them in registers (see triton_linear)."""
+
+    def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
+        from .triton_linear import TritonWeight
+
+        self.weight = TritonWeight(weight, shape)
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else bias.to(torch.float32)
+
+    @staticmethod
+    def applies(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:
+        from .triton_linear import available, supports
+
+        device = weight.device if isinstance(weight, torch.Tensor) else weight.data.device
+        return device.type == "cuda" and available() and supports(weight, shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .triton_linear import triton_product
+
+        y = triton_product(x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.weight.dense()
+
+
 def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
     """x [..., K] times compatible NativeParams, outputs side by side, as [rows, sum of n]: the
     SIMD kernel up to `kernel_rows` x rows (each weight read once), else float32 GEMMs over
@@ -177,6 +205,8 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
         if data.data_ptr() % 2:
             data = data.clone()
         weight = data.view(FLOAT_DTYPES[weight.dtype]).reshape(shape)
+    if not reference and TritonLinear.applies(weight, shape):
+        return TritonLinear(weight, shape, bias)
     if isinstance(weight, torch.Tensor):
         return FloatLinear(weight, bias)
     if not reference and weight.dtype == DType.INT8 and weight.data.device.type == "cpu" and Int8Linear.applies():
@@ -184,4 +214,5 @@ def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: 
     return ReferenceLinear(weight, shape, bias)
 
 
-__all__ = ["FLOAT_DTYPES", "FloatLinear", "FusedLinear", "Int8Linear", "Linear", "NativeLinear", "ReferenceLinear", "make_linear"]
+__all__ = ["FLOAT_DTYPES", "FloatLinear", "FusedLinear", "Int8Linear", "Linear", "NativeLinear", "ReferenceLinear", "TritonLinear",
+           "make_linear"]
