@@ -5,12 +5,12 @@ without a graph; the recorded graph itself on a GPU (skipped without one)."""
 import pytest
 import torch
 
+from checks import logits_close, needs_gpu
 from flm import llm
 from flm.convert import ConvertOptions, convert
 from flm.cuda_graphs import GraphedStep
 
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366]
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,11 @@ def _steps(model, steps: int, fixed_shape: bool, capacity: int = 32, initial: in
     return torch.stack(out)
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, relative: float) -> bool:
-    return float((got - want).abs().max()) <= relative * float(want.max() - want.min())
-
-
 @pytest.mark.parametrize("window", [None, 5])
 def test_fixed_shape_step_equals_eager_step(files, window):
     model = llm.model(files["float32"], reference=True).model  # the layer-by-layer path
     model.cfg.sliding_window = window  # 5: shorter than the prompt, the mask must hide the oldest keys
-    assert _close(_steps(model, 8, fixed_shape=True), _steps(model, 8, fixed_shape=False), 1e-5)
+    assert logits_close(_steps(model, 8, fixed_shape=True), _steps(model, 8, fixed_shape=False), 1e-5)
 
 
 @needs_gpu
@@ -65,7 +61,7 @@ def test_graph_replay_equals_eager_on_gpu(files, dtype):
         # the cache starts at 16 slots and grows to 32 after the 11-token prompt: recorded again
         return _steps(model, 14, fixed_shape=False, capacity=64, initial=16)
 
-    assert _close(run(True), run(False), 1e-4)
+    assert logits_close(run(True), run(False), 1e-4)
 
 
 @needs_gpu

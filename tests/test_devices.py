@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from checks import logits_close, needs_gpu
 from flm import llm
 from flm.convert import ConvertOptions, convert
 from flm.errors import FlmError
 
 IDS = [1, 450, 4996, 17354, 1701, 29916, 432]
 DTYPES = ["float32", "float16", "bfloat16", "int8", "int4", "int4g"]
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,6 @@ def files(tmp_path_factory, tiny_dir):
 
 def _logits(m):
     return m.model.forward(torch.tensor([IDS]), m.model.new_cache(1, 16), last_only=False)[0].float().cpu()
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return float((got.float().cpu() - want).abs().max()) <= 1e-3 * float(want.max() - want.min())
 
 
 def test_cuda_without_gpu_is_a_clear_error(files):
@@ -49,7 +45,7 @@ def test_cuda_matches_cpu(files, dtype):
     cpu = _logits(llm.model(files[dtype], reference=True))
     gpu_model = llm.model(files[dtype], device="cuda")
     assert gpu_model.model.embed.device.type == "cuda"
-    assert _close(_logits(gpu_model), cpu)
+    assert logits_close(_logits(gpu_model), cpu, 1e-3)
     assert gpu_model.response("Hello", max_length=4) == llm.model(files[dtype]).response("Hello", max_length=4)
 
 
@@ -69,7 +65,7 @@ def test_cuda_batched_decode_matches_cpu(files, dtype):
             out.append(logits.float().cpu())
         return torch.stack(out)
 
-    assert _close(run(llm.model(files[dtype], device="cuda")), run(llm.model(files[dtype], reference=True)))
+    assert logits_close(run(llm.model(files[dtype], device="cuda")), run(llm.model(files[dtype], reference=True)), 1e-3)
 
 
 @needs_gpu

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from checks import logits_close
 from flm import llm
 from flm.convert import ConvertOptions, convert
 
@@ -64,7 +65,7 @@ def test_logits_match_transformers(flm_files, hf_model, hf_tokenizer):
     ours = _logits(llm.model(flm_files["float32"]), ids)
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0]
-    assert float((ours - theirs).abs().max()) <= 1e-3 * float(theirs.max() - theirs.min())
+    assert logits_close(ours, theirs, 1e-3)
 
 
 def _hf_greedy(hf_model, ids, n):
