@@ -153,10 +153,9 @@ class TritonWeight:
             self.bits, self.with_zero, self.grouped, self.group_cnt, self.groups = 16, False, False, 1, 1
             self.rounds_input = False
             return
-        dequantizer = Dequantizer(weight, shape)
-        self.dequantizer = dequantizer
-        self.data, self.scale, self.offset = weight.data.reshape(-1), dequantizer.scale, dequantizer.offset
-        self.bits, self.with_zero = BITS[weight.dtype], dequantizer.with_zero
+        self.dequantizer = Dequantizer(weight, shape)
+        self.data, self.scale, self.offset = weight.data.reshape(-1), self.dequantizer.scale, self.dequantizer.offset
+        self.bits, self.with_zero = BITS[weight.dtype], self.dequantizer.with_zero
         self.grouped = weight.dtype == DType.INT4_GROUP
         self.group_cnt, self.groups = (weight.group_cnt, weight.group) if self.grouped else (1, 1)
         self.rounds_input = weight.dtype in INT16_INPUT_DTYPES
