@@ -167,7 +167,9 @@ class TritonLinear(Linear):
         from .triton_linear import available, supports
 
         device = weight.device if isinstance(weight, torch.Tensor) else weight.data.device
-        return device.type == "cuda" and available() and supports(weight, shape)
+        # Triton compiles for compute capability 7.0 (Volta) and later
+        return (device.type == "cuda" and available() and supports(weight, shape)
+                and torch.cuda.get_device_capability(device) >= (7, 0))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .triton_linear import triton_product
