@@ -6,7 +6,7 @@ that pad."""
 import pytest
 import torch
 
-from flm.kernels import TritonLinear
+from flm.kernels import FusedLinear, TritonLinear
 from flm.kernels import triton_linear
 from flm.kernels.triton_linear import GEMV_ROWS, TritonWeight, supports, triton_product
 from flm.quant import DType, Quantized, dequantize, quantize, round_input_int16
@@ -98,3 +98,27 @@ def test_padded_groups():
     x = torch.randn(GEMV_ROWS + 4, 80)
     want = round_input_int16(x) @ dequantize(q, shape).T
     torch.testing.assert_close(_product(x, q, shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_int4_parts_round_the_input_once(monkeypatch):
+    """q/k/v-style parts on the Triton kernels: one rounding of x for the int4 parts (counted),
+    the same outputs as each part alone; a 16-bit part beside them gets x as it is."""
+    import flm.kernels as kernels
+
+    torch.manual_seed(5)
+    shapes = [(48, 64), (16, 64), (16, 64)]
+    ws = [torch.randn(*shape) * 0.05 for shape in shapes]
+    qs = [quantize(w, DType.INT4_GROUP, 32) for w in ws[:2]]
+    parts = [TritonLinear(_on_device(q), shape, None) for q, shape in zip(qs, shapes)]
+    parts.append(TritonLinear(ws[2].to(DEVICE, torch.float16), shapes[2], None))
+    fused = FusedLinear(parts)
+    x = torch.randn(2, 64, device=DEVICE)
+    alone = torch.cat([p(x) for p in parts], dim=-1)
+    calls = []
+    monkeypatch.setattr(kernels, "round_input_int16", lambda t: calls.append(t) or round_input_int16(t))
+    got = fused(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    want = torch.cat([round_input_int16(x.cpu()) @ dequantize(q, shape).T for q, shape in zip(qs, shapes)]
+                     + [x.cpu() @ ws[2].half().float().T], dim=-1)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

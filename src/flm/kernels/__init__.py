@@ -129,7 +129,8 @@ class FusedLinear(Linear):
     """Linears that read the same input (q/k/v, gate/up) as one, outputs side by side. With the
     SIMD kernels a decode step computes all parts in one call (one parallel region instead of
     one per weight) and a prefill writes all parts' GEMMs into one result; otherwise each part
-    runs as it would alone."""
+    runs as it would alone, except that int4 Triton parts share one rounding of the input (five
+    torch ops, a set of small GPU kernels, instead of one set per part)."""
 
     def __init__(self, parts: list[Linear]):
         self.parts = parts
@@ -143,9 +144,16 @@ class FusedLinear(Linear):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is None:
-            return torch.cat([p(x) for p in self.parts], dim=-1)
+            return torch.cat(self._each_part(x), dim=-1)
         y = native_product(x, self.native).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _each_part(self, x: torch.Tensor) -> list[torch.Tensor]:
+        rounding = [isinstance(p, TritonLinear) and p.weight.rounds_input for p in self.parts]
+        if sum(rounding) < 2:
+            return [p(x) for p in self.parts]
+        rounded = round_input_int16(x)
+        return [p(rounded, input_rounded=True) if r else p(x) for p, r in zip(self.parts, rounding)]
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])
@@ -171,10 +179,12 @@ class TritonLinear(Linear):
         return (device.type == "cuda" and available() and supports(weight, shape)
                 and torch.cuda.get_device_capability(device) >= (7, 0))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, input_rounded: bool = False) -> torch.Tensor:
+        """`input_rounded`: x is already on int4's 16-bit grid (FusedLinear rounds once for all parts)."""
         from .triton_linear import triton_product
 
-        y = triton_product(x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        y = triton_product(flat, self.weight, input_rounded).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:

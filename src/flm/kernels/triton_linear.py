@@ -166,14 +166,15 @@ class TritonWeight:
         return self.dequantizer.rows(0, self.out_features)
 
 
-def triton_product(x: torch.Tensor, weight: TritonWeight) -> torch.Tensor:
+def triton_product(x: torch.Tensor, weight: TritonWeight, input_rounded: bool = False) -> torch.Tensor:
     """x [rows, in_features] (float32) times the weight, as [rows, out_features] float32. Input
-    rows of int4 weights are rounded as `round_input_int16` says, like every int4 path. Up to
-    GEMV_ROWS rows one kernel reads the stored weight; more rows (a prefill) widen blocks of
-    weight rows with the same formula for cuBLAS's float32 GEMM, which runs several times faster
-    there than Triton's exact float32 dot (measured on an H200: 11.6 vs 3.1 T multiply-adds/s)."""
+    rows of int4 weights are rounded as `round_input_int16` says, like every int4 path, unless
+    the caller did (`input_rounded`). Up to GEMV_ROWS rows one kernel reads the stored weight;
+    more rows (a prefill) widen blocks of weight rows with the same formula for cuBLAS's float32
+    GEMM, which runs several times faster there than Triton's exact float32 dot (measured on an
+    H200: 11.6 vs 3.1 T multiply-adds/s)."""
     flat = x.contiguous()
-    if weight.rounds_input:
+    if weight.rounds_input and not input_rounded:
         flat = round_input_int16(flat)
     m, n, k = flat.shape[0], weight.out_features, weight.in_features
     common = (weight.data, weight.scale, weight.offset)
