@@ -20,6 +20,9 @@ class Linear:
 
     out_features: int
     in_features: int
+    # True where the layer rounds x to int4's 16-bit grid itself (round_input_int16) and takes
+    # `input_rounded=True` from a caller that did, so that fused parts round it once
+    rounds_input: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -61,8 +64,8 @@ class ReferenceLinear(Linear):
         self.out_features, self.in_features = shape
         self.bias = None if bias is None else bias.to(torch.float32)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rounds_input:
+    def __call__(self, x: torch.Tensor, input_rounded: bool = False) -> torch.Tensor:
+        if self.rounds_input and not input_rounded:
             x = round_input_int16(x)
         outs = [F.linear(x, self.dequantizer.rows(s, min(s + ROW_CHUNK, self.out_features)))
                 for s in range(0, self.out_features, ROW_CHUNK)]
@@ -129,8 +132,9 @@ class FusedLinear(Linear):
     """Linears that read the same input (q/k/v, gate/up) as one, outputs side by side. With the
     SIMD kernels a decode step computes all parts in one call (one parallel region instead of
     one per weight) and a prefill writes all parts' GEMMs into one result; otherwise each part
-    runs as it would alone, except that int4 Triton parts share one rounding of the input (five
-    torch ops, a set of small GPU kernels, instead of one set per part)."""
+    runs as it would alone, except that parts which round the input to int4's 16-bit grid
+    (reference and Triton int4 layers) share one rounding: five torch ops, on a GPU five small
+    kernels, instead of one set per part."""
 
     def __init__(self, parts: list[Linear]):
         self.parts = parts
@@ -149,11 +153,10 @@ class FusedLinear(Linear):
         return y if self.bias is None else y + self.bias
 
     def _each_part(self, x: torch.Tensor) -> list[torch.Tensor]:
-        rounding = [isinstance(p, TritonLinear) and p.weight.rounds_input for p in self.parts]
-        if sum(rounding) < 2:
+        if sum(p.rounds_input for p in self.parts) < 2:
             return [p(x) for p in self.parts]
         rounded = round_input_int16(x)
-        return [p(rounded, input_rounded=True) if r else p(x) for p, r in zip(self.parts, rounding)]
+        return [p(rounded, input_rounded=True) if p.rounds_input else p(x) for p in self.parts]
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])
@@ -167,6 +170,7 @@ class TritonLinear(Linear):
         from .triton_linear import TritonWeight
 
         self.weight = TritonWeight(weight, shape)
+        self.rounds_input = self.weight.rounds_input
         self.out_features, self.in_features = shape
         self.bias = None if bias is None else bias.to(torch.float32)
 
@@ -180,7 +184,6 @@ class TritonLinear(Linear):
                 and torch.cuda.get_device_capability(device) >= (7, 0))
 
     def __call__(self, x: torch.Tensor, input_rounded: bool = False) -> torch.Tensor:
-        """`input_rounded`: x is already on int4's 16-bit grid (FusedLinear rounds once for all parts)."""
         from .triton_linear import triton_product
 
         flat = x.reshape(-1, self.in_features)
