@@ -4,6 +4,7 @@ every weight type, decode-sized and prefill-sized inputs, and odd group layouts.
 import pytest
 import torch
 
+from checks import fused_rounds_input_once
 from flm.kernels import NativeLinear, ReferenceLinear, make_linear
 from flm.kernels.native import cpu_isa, native
 from flm.quant import INT16_INPUT_DTYPES, DType, Quantized, quantize, round_input_int16
@@ -117,18 +118,10 @@ def test_fused_linear_equals_its_parts(name, rows):
 def test_fused_reference_int4_parts_round_the_input_once(monkeypatch):
     """Parts that round x to int4's 16-bit grid share one rounding (counted); an int8 part
     beside them gets x as it is; outputs equal each part alone."""
-    import flm.kernels as kernels
     from flm.kernels import FusedLinear
 
     torch.manual_seed(6)
     kinds = [(DType.INT4_GROUP, 32), (DType.INT4_NOZERO, 128), (DType.INT8, 128)]
     parts = [ReferenceLinear(quantize(torch.randn(24, 64) * 0.05, dtype, group), (24, 64), None)
              for dtype, group in kinds]
-    fused = FusedLinear(parts)
-    x = torch.randn(3, 64)
-    alone = torch.cat([p(x) for p in parts], dim=-1)
-    calls = []
-    monkeypatch.setattr(kernels, "round_input_int16", lambda t: calls.append(t) or round_input_int16(t))
-    got = fused(x)
-    assert len(calls) == 1
-    torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    fused_rounds_input_once(FusedLinear(parts), torch.randn(3, 64), monkeypatch)

@@ -1,11 +1,12 @@
 """The GPU's Triton kernels against the reference path, run on the CPU by Triton's interpreter
 (conftest sets TRITON_INTERPRET=1 where torch sees no GPU; on a GPU they run compiled there):
-every stored weight type, decode- and prefill-sized inputs, rows that straddle bytes, groups
-that pad."""
+every stored weight type, decode- and prefill-sized inputs, groups that pad, fused parts; int4
+rows of odd length are declined."""
 
 import pytest
 import torch
 
+from checks import fused_rounds_input_once
 from flm.kernels import FusedLinear, TritonLinear
 from flm.kernels import triton_linear
 from flm.kernels.triton_linear import GEMV_ROWS, TritonWeight, supports, triton_product
@@ -103,22 +104,14 @@ def test_padded_groups():
 def test_fused_int4_parts_round_the_input_once(monkeypatch):
     """q/k/v-style parts on the Triton kernels: one rounding of x for the int4 parts (counted),
     the same outputs as each part alone; a 16-bit part beside them gets x as it is."""
-    import flm.kernels as kernels
-
     torch.manual_seed(5)
     shapes = [(48, 64), (16, 64), (16, 64)]
     ws = [torch.randn(*shape) * 0.05 for shape in shapes]
     qs = [quantize(w, DType.INT4_GROUP, 32) for w in ws[:2]]
     parts = [TritonLinear(_on_device(q), shape, None) for q, shape in zip(qs, shapes)]
     parts.append(TritonLinear(ws[2].to(DEVICE, torch.float16), shapes[2], None))
-    fused = FusedLinear(parts)
     x = torch.randn(2, 64, device=DEVICE)
-    alone = torch.cat([p(x) for p in parts], dim=-1)
-    calls = []
-    monkeypatch.setattr(kernels, "round_input_int16", lambda t: calls.append(t) or round_input_int16(t))
-    got = fused(x)
-    assert len(calls) == 1
-    torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    got = fused_rounds_input_once(FusedLinear(parts), x, monkeypatch)
     want = torch.cat([round_input_int16(x.cpu()) @ dequantize(q, shape).T for q, shape in zip(qs, shapes)]
                      + [x.cpu() @ ws[2].half().float().T], dim=-1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
