@@ -39,10 +39,8 @@ def main() -> None:
         text = (tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8")
         hf = HF.from_str(text)
         ours = Tokenizer(text)
-        rebuilt = ""
-        if name in ("llama2", "smollm2"):
-            vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json(text))
-            rebuilt = f"{rate(tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv).encode, lines):.2f}"
+        vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json(text))
+        rebuilt = f"{rate(tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv).encode, lines):.2f}"
         print(f"{name:<12} {rate(lambda s: hf.encode(s, add_special_tokens=False), lines):>16.2f} "
               f"{rate(ours.encode, lines):>9.2f} {rebuilt:>25}")
 

