@@ -80,6 +80,8 @@ def tensor_record(name: str, w: np.ndarray, dtype: str, group_cnt: int = 128) ->
         return head + int4g_payload(w, group_cnt)
     if dtype == "float16":
         return head + s_int(7) + w.astype(np.float16).tobytes()
+    if dtype == "bfloat16":  # fastllm's C++ low-bit save keeps a float32's upper half (truncates)
+        return head + s_int(1) + (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
     return head + s_int(0) + w.astype(np.float32).tobytes()
 
 

@@ -220,9 +220,13 @@ def test_cpu_threads():
     llm.set_cpu_threads(before)
 
 
-def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model):
+@pytest.mark.parametrize("writer", ["torch2flm", "c++ save"])
+def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model, writer):
     """A file laid out as fastllm's torch2flm writes it: HF names, float32 norms/embeddings,
-    fastllm vocab+scores and no flm.* keys."""
+    fastllm vocab+scores and no flm.* keys. fastllm's C++ `save` (WeightMap::SaveLowBitModel)
+    writes its vocab in hash-map order, its keys sorted and the embedding as truncated bfloat16."""
+    import random
+
     import numpy as np
 
     from fastllm_layout import flm_file, tensor_record
@@ -236,11 +240,17 @@ def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model):
           "max_position_embeddings": "256", "rope_theta": "10000.0", "bos_token_id": "1", "eos_token_id": "2",
           "tokenizer_use_score": "1", "tokenizer_add_dummy_prefix": "True", "pre_prompt": "", "user_role": "",
           "bot_role": "", "history_sep": ""}
+    entries = [(e.piece, e.token_id, e.score) for e in vocab.entries]
+    if writer == "c++ save":
+        random.Random(0).shuffle(entries)
+        kv = dict(sorted(kv.items()))
     tensors = []
     for name, t in tiny_model.state_dict().items():
         linear = name.endswith("_proj.weight") or name == "lm_head.weight"
-        tensors.append(tensor_record(name, t.numpy().astype(np.float32), "float16" if linear else "float32"))
-    (tmp_path / "fastllm.flm").write_bytes(flm_file(kv, [(e.piece, e.token_id, e.score) for e in vocab.entries], tensors))
+        embedding = writer == "c++ save" and name.endswith("embed_tokens.weight")
+        dtype = "float16" if linear else "bfloat16" if embedding else "float32"
+        tensors.append(tensor_record(name, t.numpy().astype(np.float32), dtype))
+    (tmp_path / "fastllm.flm").write_bytes(flm_file(kv, entries, tensors))
     m = llm.model(tmp_path / "fastllm.flm")
     assert m.tokenizer.encode("Hello world, how are you?") == [15043, 3186, 29892, 920, 526, 366, 29973]
     ours = _flm_logits(m, PROMPT_IDS)
