@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flm.bench import bandwidth_gbs, synchronize
+from flm.bench import bandwidth_gbs, device_label, synchronize
 from flm.kernels import make_linear, triton_linear
 from flm.quant import DType, Quantized, quantize
 
@@ -76,8 +76,7 @@ def main() -> None:
                         help="Triton GEMV tiles to compare (GPU only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
-    print(f"{where}, measured read bandwidth {bandwidth_gbs(device=args.device):.1f} GB/s")
+    print(f"{device_label(args.device)}, {args.threads} threads, measured read bandwidth {bandwidth_gbs(device=args.device):.1f} GB/s")
     print(f"{'kind':<18} {'rows':>4} {'GB/s':>7} {'G MAC/s':>8}")
     weights = [torch.randn(n, k) * 0.02 for n, k in SHAPES]
     if args.device.startswith("cuda"):

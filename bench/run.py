@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from flm.bench import bandwidth_gbs, measure_flm, peak_gpu_gb, peak_rss_gb, prompt_ids, synchronize  # noqa: E402
+from flm.bench import bandwidth_gbs, device_label, measure_flm, peak_gpu_gb, peak_rss_gb, prompt_ids, synchronize  # noqa: E402
 
 FLM_DTYPES = ("float16", "bfloat16", "int8", "int4", "int4g")
 GGUF_PEER = {"float16": "F16", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_0", "int4g": "Q4_0"}
@@ -186,8 +186,7 @@ def main() -> None:
             args.engines = [e for e in args.engines if e != "llama.cpp"]
     bandwidth = bandwidth_gbs(device=args.device)
     src, flm_files, gguf_files = prepare(args)
-    where = args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})"
-    print(f"model {args.model}, device {where}, {args.threads} threads, prompt {args.prompt}, "
+    print(f"model {args.model}, device {device_label(args.device)}, {args.threads} threads, prompt {args.prompt}, "
           f"generate {args.gen}, measured read bandwidth {bandwidth:.1f} GB/s")
     rows = []
     done_peers: dict[tuple[str, str], dict] = {}

@@ -37,6 +37,23 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_label(device: str | torch.device) -> str:
+    """The device a figure was measured on, for every benchmark's header: the GPU's name, or the
+    CPU's model and the instruction set flm's kernels were built for."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    from .kernels.native import cpu_isa
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    isa = cpu_isa()
+    details = ", ".join(x for x in (names[0] if names else "", isa[0] if isa else "reference kernels") if x)
+    return f"{device} ({details})"
+
+
 def bandwidth_gbs(gigabytes: float = 2.0, repeats: int = 5, device: str = "cpu") -> float:
     """Read bandwidth of `device`'s memory: torch sum over a `gigabytes` float32 tensor, best of
     `repeats`."""

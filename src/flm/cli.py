@@ -40,15 +40,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bandwidth_gbs, measure_flm, report
+    from .bench import bandwidth_gbs, device_label, measure_flm, report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure_flm(args.file, args.prompt, args.gen, args.device)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
-    where = "" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)}), "
-    print(f"{args.file}: {where}{torch.get_num_threads()} threads, prompt {args.prompt} tokens, {args.gen} generated")
+    print(f"{args.file}: {device_label(args.device)}, {torch.get_num_threads()} threads, prompt {args.prompt} tokens, "
+          f"{args.gen} generated")
     print(report(result, bandwidth))
     return 0
 
