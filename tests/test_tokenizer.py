@@ -132,6 +132,18 @@ def test_token_bytes():
     assert smol.token_bytes(smol.token_to_id("\u0120world")) == b" world"
 
 
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "deepseek_v3", "smollm2"])
+def test_token_bytes_equal_hugging_face_decode_of_one_token(name):
+    """tokenizer_decode_token's bytes for byte-level vocabularies, added tokens included
+    (DeepSeek's are outside the byte alphabet), wherever one token decodes to whole characters."""
+    ours = Tokenizer((tokenizer_dir(name) / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = list(range(0, ours.vocab_size, 97)) + list(ours._tok.get_added_tokens_decoder())
+    reference = _hf(name)
+    texts = {i: reference.decode([i], skip_special_tokens=False) for i in ids}
+    bad = [(i, t) for i, t in texts.items() if "\ufffd" not in t and ours.token_bytes(i) != t.encode()]
+    assert not bad, bad[:3]
+
+
 def test_nfkc_option():
     plain = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text())
     nfkc = Tokenizer((tokenizer_dir("llama2") / "tokenizer.json").read_text(), nfkc=True)

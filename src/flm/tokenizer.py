@@ -128,6 +128,8 @@ class Tokenizer:
             raise TemplateError(f"stored tokenizer.json cannot be loaded: {exc}") from None
         self.vocab_size = vocab_size or self._tok.get_vocab_size(with_added_tokens=True)
         self.byte_level = _is_byte_level(json.loads(tokenizer_json))
+        # added tokens stand for their text, not for byte-level characters (DeepSeek's "<\uff5c...\uff5c>")
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
         self.nfkc = nfkc  # XVERSE-13B-Chat V1 wants NFKC input; fastllm cannot do it
 
     def _clean(self, text: str) -> str:
@@ -170,6 +172,8 @@ class Tokenizer:
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             return b""
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
         if _BYTE_TOKEN.fullmatch(piece):
             return bytes([int(piece[3:5], 16)])
         if self.byte_level:
