@@ -85,6 +85,19 @@ def tensor_record(name: str, w: np.ndarray, dtype: str, group_cnt: int = 128) ->
     return head + s_int(0) + w.astype(np.float32).tobytes()
 
 
+def torch2flm_kv(model) -> dict[str, str]:
+    """The key/values fastllm's torch2flm writes for a transformers model: str() of every config
+    and generation-config attribute, with only a `rope_scaling` dict flattened (under
+    transformers 5 the RoPE settings sit whole in `rope_parameters`)."""
+    info = dict(model.config.__dict__)
+    if model.generation_config is not None:
+        info.update(model.generation_config.__dict__)
+    if isinstance(info.get("rope_scaling"), dict):
+        for key, value in info.pop("rope_scaling").items():
+            info["rope_scaling." + key] = value
+    return {str(k): str(v) for k, v in info.items()}
+
+
 def flm_file(kv: dict[str, str], vocab: list[tuple[bytes, int, float]], tensors: list[bytes],
              version: int = 2, special: list[str] | None = None) -> bytes:
     out = s_int(version)

@@ -221,43 +221,50 @@ def test_cpu_threads():
 
 
 @pytest.mark.parametrize("writer", ["torch2flm", "c++ save"])
-def test_fastllm_written_file_without_tokenizer_json(tmp_path, tiny_model, writer):
+def test_fastllm_written_file_without_tokenizer_json(tmp_path, writer):
     """A file laid out as fastllm's torch2flm writes it: HF names, float32 norms/embeddings,
-    fastllm vocab+scores and no flm.* keys. fastllm's C++ `save` (WeightMap::SaveLowBitModel)
-    writes its vocab in hash-map order, its keys sorted and the embedding as truncated bfloat16."""
+    fastllm vocab+scores, str() of every config attribute (here transformers 5's: RoPE base and
+    scaling only inside `rope_parameters`, as for DeepSeek Coder's 100000 and linear 4) and no flm.*
+    keys. fastllm's C++ `save` (WeightMap::SaveLowBitModel) writes its vocab in hash-map order,
+    its keys sorted and the embedding as truncated bfloat16."""
     import random
 
     import numpy as np
 
-    from fastllm_layout import flm_file, tensor_record
+    from fastllm_layout import flm_file, tensor_record, torch2flm_kv
     from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
-    from conftest import LLAMA2_TOKENIZER
+    from conftest import LLAMA2_TOKENIZER, tiny_llama
 
+    reference = tiny_llama(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    reference.config.architectures = ["LlamaForCausalLM"]  # as from_pretrained sets it
     vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json((LLAMA2_TOKENIZER / "tokenizer.json").read_text()))
-    cfg = tiny_model.config
-    kv = {"model_type": "llama", "hidden_size": "64", "intermediate_size": "128", "num_hidden_layers": "2",
-          "num_attention_heads": "4", "num_key_value_heads": "2", "vocab_size": "32000", "rms_norm_eps": "1e-05",
-          "max_position_embeddings": "256", "rope_theta": "10000.0", "bos_token_id": "1", "eos_token_id": "2",
-          "tokenizer_use_score": "1", "tokenizer_add_dummy_prefix": "True", "pre_prompt": "", "user_role": "",
-          "bot_role": "", "history_sep": ""}
+    kv = {**torch2flm_kv(reference), "tokenizer_use_score": "1", "tokenizer_add_dummy_prefix": "True",
+          "pre_prompt": "", "user_role": "", "bot_role": "", "history_sep": ""}
+    assert "rope_theta" not in kv and "100000.0" in kv["rope_parameters"]
     entries = [(e.piece, e.token_id, e.score) for e in vocab.entries]
     if writer == "c++ save":
         random.Random(0).shuffle(entries)
         kv = dict(sorted(kv.items()))
     tensors = []
-    for name, t in tiny_model.state_dict().items():
-        linear = name.endswith("_proj.weight") or name == "lm_head.weight"
-        embedding = writer == "c++ save" and name.endswith("embed_tokens.weight")
-        dtype = "float16" if linear else "bfloat16" if embedding else "float32"
-        tensors.append(tensor_record(name, t.numpy().astype(np.float32), dtype))
+    with torch.no_grad():
+        for name, t in reference.state_dict().items():
+            linear = name.endswith("_proj.weight") or name == "lm_head.weight"
+            embedding = writer == "c++ save" and name.endswith("embed_tokens.weight")
+            dtype = "float16" if linear else "bfloat16" if embedding else "float32"
+            tensors.append(tensor_record(name, t.numpy().astype(np.float32), dtype))
+            if dtype == "float16":  # the reference computes with the weights as stored
+                t.copy_(t.half().float())
+            elif dtype == "bfloat16":
+                t.copy_((t.view(torch.int32) & -65536).view(torch.float32))  # truncated, as written
     (tmp_path / "fastllm.flm").write_bytes(flm_file(kv, entries, tensors))
     m = llm.model(tmp_path / "fastllm.flm")
+    assert (m.config.rope_theta, m.config.rope_scaling.kind, m.config.rope_scaling.factor) == (100000.0, "linear", 4.0)
+    assert m.config.architectures == ["LlamaForCausalLM"]
     assert m.tokenizer.encode("Hello world, how are you?") == [15043, 3186, 29892, 920, 526, 366, 29973]
     ours = _flm_logits(m, PROMPT_IDS)
-    theirs = _hf_logits(tiny_model, PROMPT_IDS)
-    assert float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()) >= 0.99
-    assert logits_close(ours, theirs, 1e-2)  # fp16 weights
-    assert cfg.vocab_size == 32000
+    theirs = _hf_logits(reference, PROMPT_IDS)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert logits_close(ours, theirs, 1e-4)
 
 
 def test_bench_command_reports_speed(tiny_flm, capsys):

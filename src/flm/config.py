@@ -147,17 +147,28 @@ def as_int_list(value: Any) -> list[int]:
     return [int(value)]
 
 
+def as_str_list(value: Any) -> list[str]:
+    """A list of names from a list, one name, or the str() of a list that .flm files hold."""
+    value = parse_scalar(value)
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
 def rope_from_dict(raw: dict[str, Any]) -> tuple[float | None, RopeScaling]:
     """RoPE settings from every spelling: rope_parameters (5.x), rope_scaling (4.x), flat
     `rope_scaling.type`/`rope_scaling.factor` (the cookbook's overrides, fastllm's kv)."""
     spec: dict[str, Any] = {}
-    params = raw.get("rope_parameters")
+    # a .flm written by fastllm's torch2flm under transformers 5 holds str() of the whole dict
+    params = parse_scalar(raw.get("rope_parameters"))
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     if raw.get("rope_theta") is not None:  # 4.x spelling, or the cookbook's explicit override
         theta = raw["rope_theta"]
     flat = {key.split(".", 1)[1]: parse_scalar(value) for key, value in raw.items()
             if isinstance(key, str) and key.startswith("rope_scaling.") and value is not None}
-    for layer in (params, raw.get("rope_scaling"), flat):  # later spellings override earlier ones
+    for layer in (params, parse_scalar(raw.get("rope_scaling")), flat):  # later spellings override earlier ones
         if isinstance(layer, dict):
             spec.update(layer)
             if "type" in layer and "rope_type" not in layer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import as_str_list
 from ..errors import UnknownFamilyError
 from .base import EMBEDDING, LINEAR, PLAIN, Family, OutputTensor, canonical_shapes, tensor_kind
 from .internlm import InternLMFamily
@@ -20,7 +21,7 @@ def find_family(raw_config: dict[str, Any]) -> Family:
     for family in FAMILIES:
         if model_type and model_type in family.model_types:
             return family
-    for arch in raw_config.get("architectures") or []:
+    for arch in as_str_list(raw_config.get("architectures")):
         for family in FAMILIES:
             if arch in family.architectures:
                 return family

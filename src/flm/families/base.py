@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig, as_int_list, parse_scalar, require, rope_from_dict
+from ..config import ModelConfig, as_int_list, as_str_list, parse_scalar, require, rope_from_dict
 from ..errors import CheckpointError
 from ..format.hf import TensorSource
 
@@ -107,7 +107,7 @@ class Family:
             bos_token_id=_first(as_int_list(raw.get("bos_token_id")) or as_int_list(generation.get("bos_token_id"))),
             eos_token_ids=list(dict.fromkeys(eos)),
             pad_token_id=_first(as_int_list(raw.get("pad_token_id"))),
-            architectures=[str(a) for a in (raw.get("architectures") or [])],
+            architectures=as_str_list(raw.get("architectures")),
             sliding_window=self.sliding_window(raw),
             **flags,
         )

@@ -19,7 +19,7 @@ class InternLMFamily(Family):
 
     def config(self, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         raw = dict(raw)
-        rotary = raw.get("rotary")
+        rotary = parse_scalar(raw.get("rotary"))
         if isinstance(rotary, dict):
             raw.setdefault("rope_theta", rotary.get("base", 10000.0))
             if rotary.get("type") and not any(k.startswith("rope_scaling") for k in raw if raw[k] is not None):
