@@ -77,6 +77,30 @@ def test_kv_holds_config_template_and_tokenizer(tmp_path, tiny_dir):
     assert list(kv) == sorted(kv)
 
 
+def test_sentencepiece_model_alone(tmp_path, tiny_dir):
+    """A checkpoint whose tokenizer is tokenizer.model alone (InternLM2, Yi): fastllm's vocab table,
+    the model's normalizer switches as keys, and a runtime tokenizer that agrees with sentencepiece."""
+    import shutil
+
+    import sentencepiece
+
+    from flm import llm
+    from sentencepiece_proto import encode_model, llama2_pieces
+
+    src = tmp_path / "sp-only"
+    shutil.copytree(tiny_dir, src)
+    (src / "tokenizer.json").unlink()
+    blob = encode_model(llama2_pieces(), add_dummy_prefix=False)
+    (src / "tokenizer.model").write_bytes(blob)
+    convert(src, tmp_path / "m.flm", ConvertOptions(dtype="float16", progress=False))
+    flm = read_flm(tmp_path / "m.flm")
+    assert flm.kv["tokenizer_add_dummy_prefix"] == "False" and "flm.tokenizer_json" not in flm.kv
+    assert flm.kv["tokenizer_has_special_tokens"] == "1" and "</s>" in flm.special_tokens
+    m = llm.model(tmp_path / "m.flm")
+    text = "Hello world, how are you?\n  def f(x): return x  # 你好"
+    assert m.tokenizer_encode_string(text) == sentencepiece.SentencePieceProcessor(model_proto=blob).encode(text)
+
+
 def test_cookbook_config_keys(tmp_path, tiny_model):
     """方案二: model_type, the four strings and rope overrides written into config.json."""
     src = save_checkpoint(tiny_model, tmp_path / "plan2")

@@ -8,10 +8,12 @@ import pytest
 
 from conftest import FIXTURES
 from corpus import corpus_documents, corpus_lines
-from flm.errors import TemplateError
+from flm.errors import CheckpointError, TemplateError
 from flm.format.flm import VocabEntry
-from flm.tokenizer import StreamDecoder, Tokenizer, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+from flm.tokenizer import (StreamDecoder, Tokenizer, fastllm_vocab_from_sentencepiece, fastllm_vocab_from_tokenizer_json,
+                           load_tokenizer_json)
 from flm.vocab_tokenizer import tokenizer_from_vocab
+from sentencepiece_proto import encode_model, llama2_pieces
 from tokenizer_fixtures import ALL, tokenizer_dir
 
 
@@ -87,6 +89,40 @@ def test_added_tokens_match_in_text_without_fastllm_special_list(name):
     texts = ["<|eot_id|>hi<|start_header_id|>", "<|im_start|>user\nf\u00fcr<|im_end|>",
              "<\uff5cbegin\u2581of\u2581sentence\uff5c>x<\uff5cend\u2581of\u2581sentence\uff5c>"]
     assert _mismatches(ours, _hf(name), texts) == []
+
+
+@pytest.mark.parametrize("dummy_prefix,collapse", [(True, False), (False, False), (False, True)])
+def test_sentencepiece_model_alone_gives_sentencepiece_ids(tmp_path, dummy_prefix, collapse):
+    """Checkpoints that ship only tokenizer.model (InternLM2, Yi, Baichuan): the vocab and
+    normalizer switches read from the model, rebuilt, against the sentencepiece library itself.
+    Lines holding <s>, </s> or <unk> are left out: sentencepiece reads them as text, transformers'
+    tokenizers (and flm) as the special tokens."""
+    import sentencepiece
+
+    blob = encode_model(llama2_pieces(), add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=collapse)
+    (tmp_path / "tokenizer.model").write_bytes(blob)
+    vocab = fastllm_vocab_from_sentencepiece(str(tmp_path / "tokenizer.model"))
+    assert {"<unk>", "<s>", "</s>"} <= set(vocab.special_tokens)
+    ours = tokenizer_from_vocab(vocab.entries, vocab.special_tokens, vocab.kv)
+    lines = [line for line in corpus_lines() if not any(t in line for t in ("<s>", "</s>", "<unk>"))]
+    lines += ["  a    b  ", " x\t  y \n  z  ", "   "]
+    theirs = sentencepiece.SentencePieceProcessor(model_proto=blob).encode(lines)
+    bad = [(line, a, b) for line, a, b in zip(lines, theirs, ours.encode_batch(lines)) if a != b]
+    assert not bad, bad[:3]
+
+
+def test_sentencepiece_model_errors(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    blob = encode_model(llama2_pieces()[:300])
+    for broken in (blob[:-7], b"\x0a\xff\xff\xff\xff\x0f", b"not a model"):
+        path.write_bytes(broken)
+        with pytest.raises(CheckpointError, match="SentencePiece"):
+            fastllm_vocab_from_sentencepiece(str(path))
+    path.write_bytes(encode_model(llama2_pieces()[:300], model_type=1))
+    with pytest.raises(TemplateError, match="unigram"):
+        fastllm_vocab_from_sentencepiece(str(path))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        fastllm_vocab_from_sentencepiece(str(tmp_path / "missing.model"))
 
 
 def test_special_tokens_in_text_and_fix_tokens():

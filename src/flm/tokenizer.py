@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from .errors import TemplateError
 from .format.flm import VocabEntry
+from .format.sentencepiece import PieceType, read_sentencepiece_model
 
 FIX_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(-?\d+)>")
 FIX_TOKEN_START = "<FLM_FIX_TOKEN_"
@@ -105,12 +106,23 @@ def fastllm_vocab_from_tokenizer_json(data: dict[str, Any]) -> FastllmVocab:
 
 
 def fastllm_vocab_from_sentencepiece(model_file: str) -> FastllmVocab:
-    """The slow-tokenizer path of torch2flm: SentencePiece pieces with their own scores."""
-    import sentencepiece  # optional: only for checkpoints that ship tokenizer.model alone
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-    entries = [VocabEntry(sp.id_to_piece(i).encode("utf-8"), i, float(sp.get_score(i))) for i in range(sp.get_piece_size())]
-    return FastllmVocab(entries, [], {})
+    """torch2flm's path for a tokenizer that is a SentencePiece model alone: its pieces with their
+    own scores, and its normalizer's switches as tokenizer_* keys. Unknown, control and
+    user-defined pieces are matched in text, as transformers' tokenizers do."""
+    model = read_sentencepiece_model(model_file)
+    if not model.is_bpe:
+        raise TemplateError(f"{model_file} is a SentencePiece unigram model; flm rebuilds BPE vocabularies only. "
+                            "Save a tokenizer.json beside it (transformers: AutoTokenizer.from_pretrained(...)"
+                            ".save_pretrained(dir)) and convert again")
+    entries = [VocabEntry(p.text.encode("utf-8"), i, p.score) for i, p in enumerate(model.pieces)]
+    matched = (PieceType.UNKNOWN, PieceType.CONTROL, PieceType.USER_DEFINED)
+    special = [p.text for p in model.pieces if p.type in matched]
+    kv = {"tokenizer_add_dummy_prefix": str(model.add_dummy_prefix)}
+    if model.remove_extra_whitespaces:
+        kv["tokenizer_remove_extra_whitespaces"] = "True"
+    if "nfkc" in model.normalizer:
+        kv["tokenizer_nfkc"] = "True"
+    return FastllmVocab(entries, special, kv)
 
 
 # ---------------------------------------------------------------- runtime

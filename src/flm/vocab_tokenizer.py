@@ -74,7 +74,9 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
             tok.normalizer = normalizers.NFC()
         tok.decoder = decoders.ByteLevel()
     else:
-        steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if collapse_spaces else []
+        # SentencePiece's remove_extra_whitespaces: spaces only (not tabs or newlines) trimmed and collapsed
+        steps = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")] \
+            if collapse_spaces else []
         steps += [normalizers.Prepend("\u2581")] if dummy_prefix else []
         tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(Regex(" "), "\u2581")])
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
