@@ -163,3 +163,36 @@ def test_kv_strings_survive(tmp_path):
     flm = read_flm(tmp_path / "a.flm")
     assert flm.kv["a"] == "é" and flm.kv["tokenizer_use_score"] == "1"
     assert struct.unpack("<i", (tmp_path / "a.flm").read_bytes()[:4]) == (2,)
+
+
+@pytest.mark.parametrize("byte_level,marker,source", [
+    (False, None, "rebuilt from vocab+scores (SentencePiece-style BPE)"),
+    (True, None, "rebuilt from vocab+scores (byte-level BPE, gpt2 split)"),
+    (True, ("<|begin_of_text|>", 128000), "rebuilt from vocab+scores (byte-level BPE, llama3 split)"),
+])
+def test_inspect_fastllm_file(tmp_path, capsys, byte_level, marker, source):
+    """`flm inspect` on a fastllm-written file: keys, the tokenizer the runtime will rebuild, tensors."""
+    from flm.cli import main
+
+    vocab = [(b"a", 0, 1.0), (b"b", 1, 1.0), (b"ab", 2, 0.0)]
+    if marker:
+        vocab.append((marker[0].encode(), marker[1], 1.0))
+    kv = {"model_type": "llama", "tokenizer_use_score": "1", "tokenizer_byte_as_char": str(byte_level)}
+    tensors = [tensor_record(name, w, "int4g" if w.ndim == 2 else "float32", 32) for name, w in _weights().items()]
+    (tmp_path / "f.flm").write_bytes(flm_file(kv, vocab, tensors))
+    assert main(["inspect", str(tmp_path / "f.flm")]) == 0
+    out = capsys.readouterr().out
+    assert "version: 2" in out and "model_type" in out
+    assert f"tokenizer: {len(vocab)} vocab entries, 0 special tokens, {source}" in out
+    assert "a.weight" in out and "int4_group(g32)" in out and "norm.weight" in out
+    assert "total tensor bytes:" in out and "1 float32, 1 int4_group" in out
+
+
+def test_inspect_our_file(tmp_path, tiny_dir, capsys):
+    from flm.cli import main
+    from flm.convert import ConvertOptions, convert
+
+    convert(tiny_dir, tmp_path / "m.flm", ConvertOptions(dtype="int8", progress=False))
+    assert main(["inspect", str(tmp_path / "m.flm")]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer.json stored" in out and "model.layers.0.self_attn.q_proj.weight" in out and " int8 " in out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .byte_level_splits import byte_level_split
+from .config import parse_scalar
 from .format.flm import FlmFile, read_flm
 from .quant import FLOAT_DTYPES
 
@@ -26,13 +28,26 @@ def _size(nbytes: int) -> str:
     return str(nbytes)
 
 
+def _tokenizer_source(flm: FlmFile) -> str:
+    """Where the runtime's tokenizer comes from: the stored tokenizer.json, or a rebuild from the
+    vocab table (fastllm's files), with the split a byte-level rebuild will use."""
+    if "flm.tokenizer_json" in flm.kv:
+        return "tokenizer.json stored"
+    if not flm.vocab:
+        return "no tokenizer"
+    if not parse_scalar(flm.kv.get("tokenizer_byte_as_char", "False")):
+        return "rebuilt from vocab+scores (SentencePiece-style BPE)"
+    vocab = {e.piece.decode("utf-8", errors="replace"): e.token_id for e in flm.vocab}
+    return f"rebuilt from vocab+scores (byte-level BPE, {byte_level_split(vocab).name} split)"
+
+
 def describe(flm: FlmFile) -> str:
     lines = [f"file: {flm.path}", f"size: {_size(os.path.getsize(flm.path))}", f"version: {flm.version}",
              f"key/values ({len(flm.kv)}):"]
     width = max((len(k) for k in flm.kv), default=0)
     lines += [f"  {k.ljust(width)}  {_short(v)}" for k, v in flm.kv.items()]
-    lines.append(f"tokenizer: {len(flm.vocab)} vocab entries, {len(flm.special_tokens)} special tokens"
-                 + (", tokenizer.json stored" if "flm.tokenizer_json" in flm.kv else ""))
+    lines.append(f"tokenizer: {len(flm.vocab)} vocab entries, {len(flm.special_tokens)} special tokens, "
+                 f"{_tokenizer_source(flm)}")
     if flm.special_tokens:
         lines.append("  special: " + _short(" ".join(flm.special_tokens)))
     lines.append(f"tensors ({len(flm.tensors)}):")
