@@ -1,0 +1,67 @@
+"""The `flm` commands that print for people: chat (under a pipe), tokenize, prompt, templates."""
+
+import io
+import re
+
+import pytest
+
+from flm import llm
+from flm.cli import main
+from flm.convert import ConvertOptions, convert
+
+SPEED = re.compile(r"\[(\d+) prompt tokens in [\d.]+ s \(\d+ tok/s\), (\d+) generated at [\d.]+ tok/s\]")
+
+
+@pytest.fixture(scope="module")
+def chat_flm(tmp_path_factory, tiny_dir):
+    path = tmp_path_factory.mktemp("cli") / "tiny-chat.flm"
+    convert(tiny_dir, path, ConvertOptions(dtype="float16", template="llama2-chat", progress=False))
+    return path
+
+
+def test_chat_under_a_pipe(chat_flm, monkeypatch, capsys):
+    """Answers stream with speed lines; /system sets the system message and restarts the
+    conversation, /reset forgets it, an unknown command shows the help, /exit stops reading."""
+    prompts = []
+    original = llm.model.get_prompt
+
+    def recording(self, query, history=None, system=None):
+        prompts.append((query, list(history or []), system))
+        return original(self, query, history, system)
+
+    monkeypatch.setattr(llm.model, "get_prompt", recording)
+    lines = ["hello", "again", "/system Be brief.", "third", "/reset", "fourth", "/bogus", "/exit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", str(chat_flm), "--max-length", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    speeds = SPEED.findall(out)
+    assert len(speeds) == 4 and all(int(generated) <= 3 for _, generated in speeds)
+    assert "[system message set; conversation reset]" in out and "[conversation reset]" in out
+    assert "commands: /reset" in out  # for /bogus; a pipe gets no greeting or "> " prompts
+    assert out.count("commands: /reset") == 1 and "> " not in out
+    assert [(q, len(h), s) for q, h, s in prompts] == [
+        ("hello", 0, None), ("again", 1, None), ("third", 0, "Be brief."), ("fourth", 0, "Be brief.")]
+    assert prompts[1][1][0][0] == "hello"
+
+
+def test_tokenize_command(chat_flm, capsys):
+    assert main(["tokenize", str(chat_flm), "Hello world"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "2 tokens"
+    assert out[1].split()[0] == "15043" and "b' Hello'" in out[1]
+    assert out[2].split()[0] == "3186" and "b' world'" in out[2]
+
+
+def test_prompt_command(chat_flm, capsys):
+    assert main(["prompt", str(chat_flm), "What now?", "--system", "Be kind."]) == 0
+    out = capsys.readouterr().out
+    assert "template: the file's prompt strings" in out
+    assert "Be kind." in out and "What now?" in out and "[INST]" in out
+    ids = [int(x) for x in re.search(r"ids \(\d+\): \[(.*)\]", out).group(1).split(", ")]
+    assert ids[0] == 1  # llama2-chat starts with <s>
+
+
+def test_templates_command(capsys):
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    assert "llama2-chat:" in out and "user_role" in out and "'[INST] '" in out
