@@ -28,3 +28,26 @@ def test_hypothesis_edits(tmp_path):
         assert check_one(target) in ("ok", "rejected")
 
     check()
+
+
+def test_sentencepiece_reader_under_edits():
+    """tokenizer.model bytes spliced at random: a parsed model or a CheckpointError, nothing else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from flm.errors import CheckpointError
+    from flm.format.sentencepiece import parse_sentencepiece_model
+    from sentencepiece_proto import encode_model
+
+    blob = encode_model([("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("\u2581a", -1.0, 1), ("\u4f60", -2.0, 1)])
+
+    @settings(max_examples=500, deadline=1000)
+    @given(st.integers(0, len(blob)), st.integers(0, 16), st.binary(max_size=16))
+    def check(offset, removed, inserted):
+        try:
+            model = parse_sentencepiece_model(blob[:offset] + inserted + blob[offset + removed:])
+        except CheckpointError:
+            return
+        assert all(isinstance(p.text, str) and isinstance(p.score, float) for p in model.pieces)
+
+    check()
