@@ -43,11 +43,16 @@ def encode_model(pieces: list[tuple[str, float, int]], *, model_type: int = 2, a
 
 
 def llama2_pieces() -> list[tuple[str, float, int]]:
-    """Llama-2's pieces by id: <unk> unknown, <s> </s> control, <0xNN> bytes, the rest scored in
-    id order (its BPE merges follow the pieces' order)."""
-    vocab = json.loads((LLAMA2_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    """Llama-2's pieces by id: <unk> unknown, <s> </s> control, <0xNN> bytes, the rest scored by
+    the rank of the merge that makes them (Llama-2's own model ranks "\u2581\u2581" last, as its
+    tokenizer.json's merges do)."""
+    data = json.loads((LLAMA2_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["merges"]]
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), i)
     pieces = []
-    for text, token_id in sorted(vocab.items(), key=lambda kv: kv[1]):
+    for text, token_id in sorted(data["vocab"].items(), key=lambda kv: kv[1]):
         kind = {"<unk>": 2, "<s>": 3, "</s>": 3}.get(text, 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", text) else 1)
-        pieces.append((text, 0.0 if kind != 1 else -float(token_id), kind))
+        pieces.append((text, -float(rank.get(text, 0)) if kind == 1 else 0.0, kind))
     return pieces

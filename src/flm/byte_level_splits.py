@@ -77,6 +77,11 @@ FAMILIES = (
 )
 
 
+def split_named(name: str) -> ByteLevelSplit:
+    """A family's split by name (GGUF files name theirs), GPT-2's for any other name."""
+    return next((family for family in FAMILIES if family.name == name), GPT2)
+
+
 def byte_level_split(vocab: dict[str, int]) -> ByteLevelSplit:
     """The split of the family whose marker token sits at its id in `vocab`, else GPT-2's."""
     for family in FAMILIES:

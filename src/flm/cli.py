@@ -193,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    conv = sub.add_parser("convert", help="convert a Hugging Face model folder to .flm",
+    conv = sub.add_parser("convert", help="convert a Hugging Face model folder (or a LLaMA .gguf) to .flm",
                           description="Stream a Hugging Face checkpoint (safetensors or .bin, sharded or not) "
-                                      "into a .flm file, one tensor at a time.")
-    conv.add_argument("model_dir", help="folder with config.json, weights and tokenizer files")
+                                      "or a llama.cpp GGUF file of the llama architecture (any quantization; "
+                                      "weights are dequantized, then stored in --dtype) into a .flm file, "
+                                      "one tensor at a time.")
+    conv.add_argument("model_dir", help="folder with config.json, weights and tokenizer files; or a .gguf file")
     conv.add_argument("-o", "--output", required=True, help="the .flm file to write (written atomically)")
     conv.add_argument("--dtype", default="float16", help=DTYPE_HELP + " (default: float16)")
     conv.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),

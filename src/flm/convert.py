@@ -197,13 +197,28 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     return cfg
 
 
+def _convert_gguf(path: Path, out: str | os.PathLike, options: ConvertOptions) -> ModelConfig:
+    """A GGUF file -> .flm, tensor by tensor (format/gguf.py)."""
+    from .format.gguf import GGUFFile
+    from .gguf_tokenizer import gguf_tokenizer_files
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path} is a file but not a GGUF model; flm converts a Hugging Face model "
+                                  "folder or a .gguf file")
+    gguf = GGUFFile(path)
+    return write_model(out, gguf, gguf.config, {}, gguf_tokenizer_files(gguf), options, model_names=(path.stem,))
+
+
 def convert(model_dir: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions | None = None,
             delta_base: str | os.PathLike | None = None) -> ModelConfig:
-    """`flm convert`: a Hugging Face model folder -> .flm; with `delta_base`, `model_dir` holds a
-    published delta that is added to the base checkpoint's weights while streaming."""
+    """`flm convert`: a Hugging Face model folder (or a llama GGUF file) -> .flm; with `delta_base`,
+    `model_dir` holds a published delta that is added to the base checkpoint's weights while streaming."""
     options = options or ConvertOptions()
     if options.template and options.template not in PRESETS:
         raise TemplateError(f"unknown template {options.template!r}; `flm templates` lists: {', '.join(sorted(PRESETS))}")
+    if Path(model_dir).is_file() and delta_base is None:
+        return _convert_gguf(Path(model_dir), out, options)
     ckpt = HFCheckpoint(model_dir)
     tokenizer = TokenizerFiles.from_dir(ckpt.dir)
     if tokenizer.tokenizer_json is None and tokenizer.sentencepiece_model is None:
