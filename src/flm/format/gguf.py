@@ -114,6 +114,7 @@ class GGUFFile:
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self.value("tokenizer.ggml.padding_token_id"),
         }
         key_length = self.value(f"{a}.attention.key_length")
         if key_length and key_length != hidden // heads:
