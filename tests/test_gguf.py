@@ -1,5 +1,6 @@
 """`flm convert model.gguf`: weights, config and tokenizer from llama.cpp's format."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,6 @@ from flm.convert import ConvertOptions, convert
 from flm.errors import CheckpointError
 from flm.format.flm import read_flm
 from sentencepiece_proto import llama2_pieces
-
-gguf = pytest.importorskip("gguf")  # in the hf/test extras
 
 
 def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
