@@ -13,9 +13,8 @@ from .convert import TokenizerFiles
 from .errors import CheckpointError
 from .format.flm import VocabEntry
 from .format.gguf import PRE_SPLITS, GGUFFile
+from .format.sentencepiece import MATCHED_IN_TEXT, PieceType  # GGUF token types number the same way
 from .vocab_tokenizer import tokenizer_from_vocab
-
-CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2
 
 
 def byte_level_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> str:
@@ -32,8 +31,8 @@ def byte_level_tokenizer_json(tokens: list[str], types: list[int], merges: list[
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+                            for t, kind in zip(tokens, types) if kind == PieceType.CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == PieceType.USER_DEFINED])
     return tok.to_str()
 
 
@@ -46,12 +45,12 @@ def gguf_tokenizer_files(gguf: GGUFFile) -> TokenizerFiles:
     types = gguf.value("tokenizer.ggml.token_type") or [1] * len(tokens)
     kind = gguf.value("tokenizer.ggml.model")
     if kind == "gpt2":
-        files.tokenizer_json = byte_level_tokenizer_json(tokens, types, gguf.value("tokenizer.ggml.merges") or [],
-                                                gguf.value("tokenizer.ggml.pre"))
+        merges = gguf.value("tokenizer.ggml.merges") or []
+        files.tokenizer_json = byte_level_tokenizer_json(tokens, types, merges, gguf.value("tokenizer.ggml.pre"))
     elif kind == "llama":
         scores = gguf.value("tokenizer.ggml.scores") or [0.0] * len(tokens)
         entries = [VocabEntry(t.encode("utf-8"), i, float(s)) for i, (t, s) in enumerate(zip(tokens, scores))]
-        special = [t for t, k in zip(tokens, types) if k in (UNKNOWN, CONTROL, USER_DEFINED)]
+        special = [t for t, k in zip(tokens, types) if k in MATCHED_IN_TEXT]
         kv = {"tokenizer_add_dummy_prefix": str(bool(gguf.value("tokenizer.ggml.add_space_prefix", True)))}
         files.tokenizer_json = tokenizer_from_vocab(entries, special, kv).backend_json()
     else:

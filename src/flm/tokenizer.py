@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from .errors import TemplateError
 from .format.flm import VocabEntry
-from .format.sentencepiece import PieceType, read_sentencepiece_model
+from .format.sentencepiece import MATCHED_IN_TEXT, read_sentencepiece_model
 
 FIX_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(-?\d+)>")
 FIX_TOKEN_START = "<FLM_FIX_TOKEN_"
@@ -115,8 +115,7 @@ def fastllm_vocab_from_sentencepiece(model_file: str) -> FastllmVocab:
                             "Save a tokenizer.json beside it (transformers: AutoTokenizer.from_pretrained(...)"
                             ".save_pretrained(dir)) and convert again")
     entries = [VocabEntry(p.text.encode("utf-8"), i, p.score) for i, p in enumerate(model.pieces)]
-    matched = (PieceType.UNKNOWN, PieceType.CONTROL, PieceType.USER_DEFINED)
-    special = [p.text for p in model.pieces if p.type in matched]
+    special = [p.text for p in model.pieces if p.type in MATCHED_IN_TEXT]
     kv = {"tokenizer_add_dummy_prefix": str(model.add_dummy_prefix)}
     if model.remove_extra_whitespaces:
         kv["tokenizer_remove_extra_whitespaces"] = "True"

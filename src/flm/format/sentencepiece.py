@@ -33,6 +33,10 @@ class PieceType(IntEnum):
     BYTE = 6
 
 
+# Pieces transformers' tokenizers match whole in text (sentencepiece itself reads <s> as text)
+MATCHED_IN_TEXT = (PieceType.UNKNOWN, PieceType.CONTROL, PieceType.USER_DEFINED)
+
+
 @dataclass
 class Piece:
     text: str
