@@ -19,7 +19,7 @@ def _llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_gguf(path, model, arch="llama", rope_freqs=False):
+def _write_gguf(path, model, arch="llama", rope_freqs=False, flat_scores=False):
     """A GGUF file laid out as llama.cpp's converter writes a LLaMA: its tensor names, permuted
     q/k, float32 weights, and Llama-2's SentencePiece vocabulary."""
     cfg = model.config
@@ -35,7 +35,7 @@ def _write_gguf(path, model, arch="llama", rope_freqs=False):
     writer.add_tokenizer_model("llama")
     pieces = llama2_pieces()
     writer.add_token_list([p[0] for p in pieces])
-    writer.add_token_scores([p[1] for p in pieces])
+    writer.add_token_scores([-1000.0 if flat_scores else p[1] for p in pieces])
     writer.add_token_types([p[2] for p in pieces])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -122,6 +122,14 @@ def test_byte_level_gguf_vocab_gives_hugging_face_ids(name):
     ours = Tokenizer(byte_level_tokenizer_json(fixture["tokens"], fixture["types"], fixture["merges"], name))
     bad = [(text, ids) for text, ids in fixture["tests"] if ours.encode(text) != ids]
     assert not bad, bad[:3]
+
+
+def test_gguf_without_piece_scores_warns(tmp_path, tiny_model, caplog):
+    """llama.cpp writes one score for every piece when it converts from a tokenizer.json alone."""
+    _write_gguf(tmp_path / "s.gguf", tiny_model, flat_scores=True)
+    with caplog.at_level("WARNING", logger="flm"):
+        convert(tmp_path / "s.gguf", tmp_path / "s.flm", ConvertOptions(dtype="float16", progress=False))
+    assert "merge order is lost" in caplog.text
 
 
 def test_gguf_errors(tmp_path, tiny_model):

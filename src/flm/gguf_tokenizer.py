@@ -8,6 +8,8 @@ user-defined ones plain added tokens, as llama.cpp's converter took them from Hu
 
 from __future__ import annotations
 
+import logging
+
 from .byte_level_splits import split_named
 from .convert import TokenizerFiles
 from .errors import CheckpointError
@@ -15,6 +17,8 @@ from .format.flm import VocabEntry
 from .format.gguf import PRE_SPLITS, GGUFFile
 from .format.sentencepiece import MATCHED_IN_TEXT, PieceType  # GGUF token types number the same way
 from .vocab_tokenizer import tokenizer_from_vocab
+
+log = logging.getLogger("flm")
 
 
 def byte_level_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> str:
@@ -49,6 +53,10 @@ def gguf_tokenizer_files(gguf: GGUFFile) -> TokenizerFiles:
         files.tokenizer_json = byte_level_tokenizer_json(tokens, types, merges, gguf.value("tokenizer.ggml.pre"))
     elif kind == "llama":
         scores = gguf.value("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        if len(set(scores)) == 1:
+            log.warning("%s: every piece has the same score (llama.cpp wrote it from a tokenizer.json), so merge "
+                        "order is lost; ids may differ from the original tokenizer (e.g. on runs of spaces). "
+                        "Convert the Hugging Face folder for exact ids", gguf.path.name)
         entries = [VocabEntry(t.encode("utf-8"), i, float(s)) for i, (t, s) in enumerate(zip(tokens, scores))]
         special = [t for t, k in zip(tokens, types) if k in MATCHED_IN_TEXT]
         kv = {"tokenizer_add_dummy_prefix": str(bool(gguf.value("tokenizer.ggml.add_space_prefix", True)))}
