@@ -33,13 +33,19 @@ class ByteLevelSplit:
     nfc: bool = False
     ignore_merges: bool = False  # a pre-token that is a whole vocab piece stays one token (Llama-3)
 
-    def pre_tokenizer(self) -> Any:
-        from tokenizers import Regex, pre_tokenizers
+    def configure(self, tok: Any) -> None:
+        """Give a `tokenizers` byte-level BPE this family's split, normalizer and decoder."""
+        from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
-        if not self.patterns:
-            return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in self.patterns]
-        return pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if self.patterns:
+            splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in self.patterns]
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if self.nfc:
+            tok.normalizer = normalizers.NFC()
+        tok.decoder = decoders.ByteLevel()
 
 
 GPT2 = ByteLevelSplit("gpt2", ("", -1), ())

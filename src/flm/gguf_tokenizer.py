@@ -23,17 +23,14 @@ log = logging.getLogger("flm")
 
 def byte_level_tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: str | None) -> str:
     """tokenizer.json of a GGUF byte-level vocabulary: its merges as they are, the split `pre` names."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Tokenizer
     from tokenizers.models import BPE
 
     split = split_named(PRE_SPLITS.get(pre or "", ""))
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=split.ignore_merges))
-    tok.pre_tokenizer = split.pre_tokenizer()
-    if split.nfc:
-        tok.normalizer = normalizers.NFC()
-    tok.decoder = decoders.ByteLevel()
+    split.configure(tok)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, kind in zip(tokens, types) if kind == PieceType.CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == PieceType.USER_DEFINED])

@@ -7,6 +7,7 @@ from collections import Counter
 
 from .byte_level_splits import byte_level_split
 from .config import parse_scalar
+from .convert import TOKENIZER_JSON_KEY
 from .format.flm import FlmFile, read_flm
 from .quant import FLOAT_DTYPES
 
@@ -31,7 +32,7 @@ def _size(nbytes: int) -> str:
 def _tokenizer_source(flm: FlmFile) -> str:
     """Where the runtime's tokenizer comes from: the stored tokenizer.json, or a rebuild from the
     vocab table (fastllm's files), with the split a byte-level rebuild will use."""
-    if "flm.tokenizer_json" in flm.kv:
+    if TOKENIZER_JSON_KEY in flm.kv:
         return "tokenizer.json stored"
     if not flm.vocab:
         return "no tokenizer"

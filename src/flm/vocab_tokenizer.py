@@ -69,10 +69,7 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
               ignore_merges=bool(split and split.ignore_merges))
     tok = HFTokenizer(bpe)
     if split:
-        tok.pre_tokenizer = split.pre_tokenizer()
-        if split.nfc:
-            tok.normalizer = normalizers.NFC()
-        tok.decoder = decoders.ByteLevel()
+        split.configure(tok)
     else:
         # SentencePiece's remove_extra_whitespaces: spaces only (not tabs or newlines) trimmed and collapsed
         steps = [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")] \
