@@ -8,7 +8,9 @@ kernel from a compute-bound one.
     python bench/kernels.py --device cuda --rows 1 8 128 [--reference] [--gemv-blocks 16x256 32x128x8]
 
 --reference times the reference path (on a GPU: widening blocks of rows with torch ops, what
-runs without Triton); --gemv-blocks compares Triton GEMV tiles (outputs x inputs [x warps]).
+runs without Triton); --gemv-blocks compares Triton GEMV tiles (outputs x inputs [x warps]);
+--paths kernel gemm times both CPU paths at every row count (the SIMD kernel on the stored
+weights; widened blocks through torch's float32 GEMM), where flm picks one by `kernel_rows`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 
 from flm.bench import bandwidth_gbs, device_label, synchronize
 from flm.kernels import make_linear, triton_linear
-from flm.quant import DType, Quantized, quantize
+from flm.kernels.native import linear_many, prefill_gemm
+from flm.quant import DType, Quantized, quantize, round_input_int16
 
 SHAPES = [(2048, 2048), (11264, 2048), (2048, 5632)]  # q/o, gate+up, down of the 1.1B model
 KINDS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": (DType.INT8, 128),
@@ -37,6 +40,17 @@ def layer(kind: str, w: torch.Tensor, device: str, reference: bool):
     q = quantize(w, *dtype)
     q = Quantized(q.dtype, q.mins.to(device), q.maxs.to(device), q.data.to(device), q.group, q.group_cnt)
     return make_linear(q, tuple(w.shape), reference=reference), q.data.numel() + 4 * (q.mins.numel() + q.maxs.numel())
+
+
+def _kernel_path(lin):
+    return lambda x: linear_many(x, [lin.params])
+
+
+def _gemm_path(lin):
+    return lambda x: prefill_gemm(round_input_int16(x) if lin.params.rounds_input else x, [lin.params])
+
+
+CPU_PATHS = {"kernel": _kernel_path, "gemm": _gemm_path}
 
 
 def timed(fn, device: str, seconds: float = 0.5) -> float:
@@ -72,6 +86,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--reference", action="store_true", help="time the reference path instead")
+    parser.add_argument("--paths", nargs="+", choices=list(CPU_PATHS), default=[],
+                        help="CPU only: time these paths at every row count instead of the one flm picks")
     parser.add_argument("--gemv-blocks", nargs="+", default=[], metavar="NxK[xW]",
                         help="Triton GEMV tiles to compare (GPU only)")
     args = parser.parse_args()
@@ -86,6 +102,11 @@ def main() -> None:
     blocks = [gemv_block(spec) for spec in args.gemv_blocks] or [(triton_linear.GEMV_BLOCK, triton_linear.GEMV_WARPS)]
     for kind in args.kinds:
         layers = [layer(kind, w, args.device, args.reference) for w in weights]
+        if args.paths:
+            for path in args.paths:
+                run(f"{kind} {path}", [(CPU_PATHS[path](lin), nbytes) for lin, nbytes in layers], weights, args.rows,
+                    args.device)
+            continue
         for block, warps in blocks:
             triton_linear.GEMV_BLOCK, triton_linear.GEMV_WARPS = block, warps
             name = f"{kind} {block[0]}x{block[1]}x{warps}" if args.gemv_blocks else kind

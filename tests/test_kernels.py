@@ -32,10 +32,11 @@ def test_native_module_builds_on_this_cpu():
 
 @needs_native
 @pytest.mark.parametrize("name", ["bfloat16", "float16", *QUANTIZED])
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 64, 65, 200, 300])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 64, 65, 200, 300, 520])
 def test_native_linear_equals_reference(name, rows):
-    """Every path: the kernel (up to 64 rows, 128 for quantized weights), then GEMMs over widened
-    blocks of 256 weight rows (300 = two blocks), transposed below 256 x rows."""
+    """Every path: the kernel (one pass per weight tile up to 8 rows, cache-sized blocks beyond,
+    up to `kernel_rows`), then GEMMs over widened blocks of 256 weight rows (300 = two blocks),
+    transposed below 256 x rows."""
     torch.manual_seed(rows)
     out_features, in_features = 300, 384  # 384 = 3 groups of 128, 12 of 32
     w = torch.randn(out_features, in_features) * 0.05
@@ -52,6 +53,29 @@ def test_native_linear_equals_reference(name, rows):
     assert float((got.double() - expected).abs().max()) <= tolerance
     # the kernels dequantize with one fused multiply-add, the reference rounds twice
     torch.testing.assert_close(lin.dense(), dense, rtol=1e-6, atol=1e-6 * float(dense.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["float16", *QUANTIZED])
+def test_blocked_kernel_sums_spans_of_k(name):
+    """Past 8 x rows the kernel walks K in spans of 2048 (KC) and carries each output's raw sum
+    from span to span, applying scales and shifts after the last; 4736 = 2 spans + 640, and per-row
+    int4's single group (4736) crosses both span ends and its 4096-element int32 chunk. 50 weight
+    rows and 131 x rows leave partial tiles on both sides."""
+    from flm.kernels.native import linear_many
+
+    torch.manual_seed(11)
+    out_features, in_features = 50, 4736
+    w = torch.randn(out_features, in_features) * 0.05
+    weight, dense = _weights(name, w)
+    lin = make_linear(weight, (out_features, in_features))
+    assert isinstance(lin, NativeLinear)
+    x = torch.randn(131, in_features)
+    rounds = name in QUANTIZED and QUANTIZED[name][0] in INT16_INPUT_DTYPES
+    expected = (round_input_int16(x) if rounds else x).double() @ dense.double().T
+    for rows in (9, 131):
+        got = linear_many(x[:rows].contiguous(), [lin.params]).double()
+        assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
 
 
 @needs_native

@@ -109,9 +109,10 @@ class Int8Linear(Linear):
 
 class NativeLinear(Linear):
     """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations (int4:
-    rounded to 16 bits) and accumulation, each weight read once per call, up to `kernel_rows`
-    input rows (64; 128 for quantized weights); longer prompts widen blocks of weight rows to
-    float32 for torch's GEMM. The weight bytes are used in place (memory-mapped from the file)."""
+    rounded to 16 bits) and accumulation, up to `kernel_rows` input rows (256; int8 128, int4
+    with small groups 32), each weight read from memory once per call; longer prompts widen blocks
+    of weight rows to float32 for torch's GEMM. The weight bytes are used in place (memory-mapped
+    from the file)."""
 
     def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
         from .native import NativeParams

@@ -29,14 +29,17 @@ ISAS = (
 KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3,
         DType.FLOAT32: 4}
 TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
-# Up to this many x rows the SIMD kernel computes from the stored weights (reading each once);
-# beyond, the weights are widened a block at a time for torch's float32 GEMM (prefill_gemm).
-# 1.1B gate/up, best of 3-5, kernel vs GEMM: float16 32 rows 17.1 vs 21.6 ms, 48 rows 24.0 vs 29.6,
-# 64 32.5 vs 34.7, 128 61.6 vs 48.7; SmolLM2 bfloat16 64 rows 2.6 vs 3.2, float16 96 even. Quantized weights
-# stay on the kernel longer (int4g 64 rows 24 vs 30 ms, 128 even; a 128-token 1.1B prefill ran
-# faster there than on the earlier GEMM path: int4 33 -> 46, int8 37 -> 44 tok/s).
-KERNEL_ROWS = 64
-KERNEL_ROWS_QUANTIZED = 128
+# Up to this many x rows the SIMD kernel computes from the stored weights (past 8 rows in
+# cache-sized blocks: rows_blocked in linear_simd.cpp); beyond, the weights are widened a block at
+# a time for torch's float32 GEMM (prefill_gemm). Crossovers on the 1.1B layer shapes, G multiply-
+# adds/s, kernel vs GEMM, one run of `python bench/kernels.py --paths kernel gemm --rows 16 32 64
+# 128 256 512`: float16 128 rows 73 vs 53, 512 67 vs 56; float32 256 57 vs 54, 512 50 vs 61; int4
+# 256 56 vs 49, 512 55 vs 54; int4g128 256 45 vs 44, 512 42 vs 49; int8 128 57 vs 47, 512 48 vs
+# 61; int4g32 32 28 vs 27, 64 28 vs 32 (a float32 rescale of every 32-code group's integer sums
+# holds the kernel near 29 at any row count).
+KERNEL_ROWS = 256
+KERNEL_ROWS_INT8 = 128
+KERNEL_ROWS_SMALL_GROUPS = 32  # int4 with groups under 128 elements
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 TRANSPOSED_BELOW = 256  # prompts shorter than this compute their GEMMs transposed (see prefill_gemm)
 
@@ -119,7 +122,11 @@ class NativeParams:
     @property
     def kernel_rows(self) -> int:
         """The most x rows the kernel computes; longer inputs go to prefill_gemm."""
-        return KERNEL_ROWS_QUANTIZED if self.kind in (KIND[DType.INT8], KIND[DType.INT4_NOZERO]) else KERNEL_ROWS
+        if self.kind == KIND[DType.INT8]:
+            return KERNEL_ROWS_INT8
+        if self.kind == KIND[DType.INT4_NOZERO] and self.group < 128:
+            return KERNEL_ROWS_SMALL_GROUPS
+        return KERNEL_ROWS
 
     @staticmethod
     def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:

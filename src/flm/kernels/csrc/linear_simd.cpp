@@ -15,11 +15,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace flm {
 namespace {
 
 constexpr int MB = 4;  // x rows per pass over a weight tile
+constexpr int64_t NC = 48, KC = 2048;  // a prefill block: weight rows x columns (see rows_blocked)
+constexpr int64_t BLOCKED_ABOVE = 8;  // more x rows than this take rows_blocked
+
+struct Span {  // columns [begin, end) of K
+    int64_t begin, end;
+};
 
 // Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
 // per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop cost ~30% there).
@@ -76,8 +83,8 @@ inline vec load_w(const Params &p, int64_t n, int64_t k) {
 // ~20% faster), so their shift term is shift - 128 * scale.
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
 // (`round_int4_input`): the high nibbles pair with the even elements.
-template <int KIND, int NR, int MR>
-inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
+template <int KIND, int NR, int MR, bool PREFETCH>
+inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, const Span &ks, float *out, int64_t n_out) {
     const float *xm = in.x, *xsum = in.sums;
     const int64_t group = KIND == 5 ? 32 : p.group;
     vec acc[NR][MR];
@@ -86,7 +93,8 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
     const uint8_t *rows[NR];
     for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
-    // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time.
+    // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time
+    // (PREFETCH; not in rows_blocked, whose blocks are read from L2: there it cost ~15%).
     const int64_t ahead = NR * p.row_bytes;
     if constexpr (is_int4<KIND>) {
         // x rounded to 16 bits (xq, scale xscale per row): codes times xq summed exactly in int32
@@ -94,16 +102,17 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
         const int64_t groups = p.groups_per_row;
         const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
         const __m256i low = _mm256_set1_epi16(0xF);
-        for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t g = ks.begin / group; g * group < ks.end; ++g) {
             vec s[NR];
             for (int r = 0; r < NR; ++r) s[r] = vset(p.scale[(n + r) * groups + g]);
-            for (int64_t c = g * group; c < (g + 1) * group; c += chunk) {
+            const int64_t g_end = std::min((g + 1) * group, ks.end);
+            for (int64_t c = std::max(g * group, ks.begin); c < g_end; c += chunk) {
                 __m256i part[NR][MR];
                 for (int r = 0; r < NR; ++r)
                     for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-                const int64_t stop = std::min(c + chunk, (g + 1) * group);  // a group need not be whole chunks
+                const int64_t stop = std::min(c + chunk, g_end);  // a group need not be whole chunks
                 for (int64_t k = c; k < stop; k += 32) {
-                    if ((k / 2) % 64 == 0)
+                    if (PREFETCH && (k / 2) % 64 == 0)
                         for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
                     for (int r = 0; r < NR; ++r) {
                         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
@@ -123,61 +132,96 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, floa
         }
     } else {
         constexpr int BYTES = KIND == 2 ? 1 : KIND == 4 ? 4 : 2;  // per weight
-        for (int64_t k = 0; k < k_in; k += W) {
-            if ((k * BYTES) % 64 == 0)
+        for (int64_t k = ks.begin; k < ks.end; k += W) {
+            if (PREFETCH && (k * BYTES) % 64 == 0)
                 for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k * BYTES, _MM_HINT_T0);
-            for (int r = 0; r < NR; ++r) {
-                vec wv = KIND == 0   ? load_bf16(rows[r] + 2 * k)
-                         : KIND == 1 ? load_fp16(rows[r] + 2 * k)
-                         : KIND == 4 ? vload((const float *)rows[r] + k)
-                                     : load_u8(rows[r] + k);
-                for (int i = 0; i < MR; ++i) {
-                    acc[r][i] = vfma(wv, vload(xm + i * k_in + k), acc[r][i]);
-                }
+            vec wv[NR];
+            for (int r = 0; r < NR; ++r)
+                wv[r] = KIND == 0   ? load_bf16(rows[r] + 2 * k)
+                        : KIND == 1 ? load_fp16(rows[r] + 2 * k)
+                        : KIND == 4 ? vload((const float *)rows[r] + k)
+                                    : load_u8(rows[r] + k);
+            for (int i = 0; i < MR; ++i) {  // each x vector loaded once, for all NR rows
+                const vec xv = vload(xm + i * k_in + k);
+                for (int r = 0; r < NR; ++r) acc[r][i] = vfma(wv[r], xv, acc[r][i]);
             }
         }
     }
     for (int r = 0; r < NR; ++r) {
         for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
-            if (KIND == 2)  // codes were read as q, not q - 128
-                y = y * p.scale[n + r] + (p.shift[n + r] - 128.f * p.scale[n + r]) * xsum[i];
-            if constexpr (is_int4<KIND>)  // xq's scale; the groups' shift terms, one dot product per row
-                y = y * in.xscale[i] + dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
-            out[i * n_out + r] = y;
+            float &o = out[i * n_out + r];
+            if (ks.begin > 0) y += o;  // the earlier spans' raw sum
+            if (ks.end == k_in) {
+                if (KIND == 2)  // codes were read as q, not q - 128
+                    y = y * p.scale[n + r] + (p.shift[n + r] - 128.f * p.scale[n + r]) * xsum[i];
+                if constexpr (is_int4<KIND>)  // xq's scale; the groups' shift terms, one dot product per row
+                    y = y * in.xscale[i] + dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
+            }
+            o = y;
         }
     }
 }
 
-// NR weight rows from n against all M x rows, MB at a time: the weight tile is read from
-// memory once and from L1 for the further x rows.
-template <int KIND, int NR>
-inline void tile_all_rows(const Params &p, int64_t n, int64_t M, const Input &xs, int64_t k_in, float *ys,
-                          int64_t n_out) {
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const Input xm = xs.from(m0, k_in);
-        float *out = ys + m0 * n_out + n;
-        switch (std::min<int64_t>(MB, M - m0)) {
-        case 1: tile<KIND, NR, 1>(p, n, xm, k_in, out, n_out); break;
-        case 2: tile<KIND, NR, 2>(p, n, xm, k_in, out, n_out); break;
-        case 3: tile<KIND, NR, 3>(p, n, xm, k_in, out, n_out); break;
-        default: tile<KIND, NR, MB>(p, n, xm, k_in, out, n_out);
-        }
+// Tiles of NR weight rows from n against the x rows m0..m0 + MB (fewer at the end of M).
+template <int KIND, int NR, bool PREFETCH>
+inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const Input &xs, int64_t k_in, const Span &ks,
+                      float *ys, int64_t n_out) {
+    const Input xm = xs.from(m0, k_in);
+    float *out = ys + m0 * n_out + n;
+    switch (std::min<int64_t>(MB, M - m0)) {
+    case 1: tile<KIND, NR, 1, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
+    case 2: tile<KIND, NR, 2, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
+    case 3: tile<KIND, NR, 3, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
+    default: tile<KIND, NR, MB, PREFETCH>(p, n, xm, k_in, ks, out, n_out);
     }
 }
 
-// Rows [begin, end) of W against all M x rows: eight (int4: four) weight rows at a time for a
-// single x row (decode), two for batches, whose x rows then share each weight load.
+// Rows [begin, end) of W against a few x rows (decode, batched decode): eight (int4: four)
+// weight rows at a time for a single x row, two for batches, whose x rows then share each weight
+// load; each weight tile is read from memory once and from L1 for the further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
+    const Span all{0, k_in};
+    auto all_rows = [&](auto nr, int64_t n) {
+        for (int64_t m0 = 0; m0 < M; m0 += MB) tile_rows<KIND, decltype(nr)::value, true>(p, n, m0, M, xs, k_in, all, ys, n_out);
+    };
     int64_t n = begin;
     if (M == 1 && !is_int4<KIND>)  // eight accumulators; int4's per-group partials need two sets
-        for (; n + 8 <= end; n += 8) tile_all_rows<KIND, 8>(p, n, M, xs, k_in, ys, n_out);
+        for (; n + 8 <= end; n += 8) all_rows(std::integral_constant<int, 8>{}, n);
     if (M == 1)
-        for (; n + 4 <= end; n += 4) tile_all_rows<KIND, 4>(p, n, M, xs, k_in, ys, n_out);
-    for (; n + 2 <= end; n += 2) tile_all_rows<KIND, 2>(p, n, M, xs, k_in, ys, n_out);
-    for (; n < end; ++n) tile_all_rows<KIND, 1>(p, n, M, xs, k_in, ys, n_out);
+        for (; n + 4 <= end; n += 4) all_rows(std::integral_constant<int, 4>{}, n);
+    for (; n + 2 <= end; n += 2) all_rows(std::integral_constant<int, 2>{}, n);
+    for (; n < end; ++n) all_rows(std::integral_constant<int, 1>{}, n);
+}
+
+// Rows [begin, end) of W against many x rows (a prompt), blocked so that both stay in cache:
+// a block of NC weight rows times KC columns (tens of KB, in L2) meets every MB-row tile of x
+// (KC columns of it, in L1) before the next block is read. Walking all of x per pair of weight
+// rows, as rows_for does, streamed a 128-token prompt (1 MB of x) from L3 for every pair.
+template <int KIND>
+void rows_blocked(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
+                  int64_t n_out) {
+    constexpr int NR = is_int4<KIND> ? 2 : 3;  // 3 x MB float accumulators; int4 also holds int32 partials
+    for (int64_t n0 = begin; n0 < end; n0 += NC) {
+        const int64_t n1 = std::min(n0 + NC, end);
+        for (int64_t k0 = 0; k0 < k_in; k0 += KC) {
+            const Span ks{k0, std::min(k0 + KC, k_in)};
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                int64_t n = n0;
+                for (; n + NR <= n1; n += NR) tile_rows<KIND, NR, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
+                for (; n < n1; ++n) tile_rows<KIND, 1, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
+            }
+        }
+    }
+}
+
+template <int KIND>
+void rows_any(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
+              int64_t n_out) {
+    if (M > BLOCKED_ABOVE) rows_blocked<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
+    else rows_for<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
 }
 
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
@@ -257,14 +301,14 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             if (lo >= hi) continue;
             float *yj = ys + offsets[j];
             switch (kind) {
-            case 0: rows_for<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-            case 1: rows_for<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-            case 2: rows_for<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+            case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+            case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+            case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
             case 3:
-                if (ps[j].group == 32) rows_for<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
-                else rows_for<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+                if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+                else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
                 break;
-            default: rows_for<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+            default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
             }
         }
     });
