@@ -10,7 +10,7 @@ kernel from a compute-bound one.
 --reference times the reference path (on a GPU: widening blocks of rows with torch ops, what
 runs without Triton); --gemv-blocks compares Triton GEMV tiles (outputs x inputs [x warps]);
 --paths kernel gemm times both CPU paths at every row count (the SIMD kernel on the stored
-weights; widened blocks through torch's float32 GEMM), where flm picks one by `kernel_rows`.
+weights; widened blocks through torch's float32 GEMM), where flm picks one by KERNEL_ROWS.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def test_native_module_builds_on_this_cpu():
 @pytest.mark.parametrize("rows", [1, 5, 8, 13, 40, 64, 65, 200, 300, 520])
 def test_native_linear_equals_reference(name, rows):
     """Every path: the kernel (one pass per weight tile up to 8 rows, cache-sized blocks beyond,
-    up to `kernel_rows`), then GEMMs over widened blocks of 256 weight rows (300 = two blocks),
+    up to KERNEL_ROWS = 256; int4 from as many rows as a group has elements: widened
+    blocks), then GEMMs over widened blocks of 256 weight rows (300 = two blocks),
     transposed below 256 x rows."""
     torch.manual_seed(rows)
     out_features, in_features = 300, 384  # 384 = 3 groups of 128, 12 of 32
@@ -60,8 +61,9 @@ def test_native_linear_equals_reference(name, rows):
 def test_blocked_kernel_sums_spans_of_k(name):
     """Past 8 x rows the kernel walks K in spans of 2048 (KC) and carries each output's raw sum
     from span to span, applying scales and shifts after the last; 4736 = 2 spans + 640, and per-row
-    int4's single group (4736) crosses both span ends and its 4096-element int32 chunk. 50 weight
-    rows and 131 x rows leave partial tiles on both sides."""
+    int4's single group (4736) crosses both span ends and its 4096-element int32 chunk. Group-wise
+    int4 on at least a group's length of rows widens spans of 512 (9 + 128 here): 40 and 131 rows
+    for groups of 32, 131 for 128. 50 weight rows and odd row counts leave partial tiles."""
     from flm.kernels.native import linear_many
 
     torch.manual_seed(11)
@@ -73,7 +75,7 @@ def test_blocked_kernel_sums_spans_of_k(name):
     x = torch.randn(131, in_features)
     rounds = name in QUANTIZED and QUANTIZED[name][0] in INT16_INPUT_DTYPES
     expected = (round_input_int16(x) if rounds else x).double() @ dense.double().T
-    for rows in (9, 131):
+    for rows in (9, 40, 131):
         got = linear_many(x[:rows].contiguous(), [lin.params]).double()
         assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
 

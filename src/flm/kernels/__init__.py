@@ -109,9 +109,9 @@ class Int8Linear(Linear):
 
 class NativeLinear(Linear):
     """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations (int4:
-    rounded to 16 bits) and accumulation, up to `kernel_rows` input rows (256; int8 128, int4
-    with small groups 32), each weight read from memory once per call; longer prompts widen blocks
-    of weight rows to float32 for torch's GEMM. The weight bytes are used in place (memory-mapped
+    rounded to 16 bits) and accumulation, up to 256 input rows (KERNEL_ROWS), each weight read
+    from memory once per call; longer prompts widen blocks of weight rows to float32 for torch's
+    GEMM. The weight bytes are used in place (memory-mapped
     from the file)."""
 
     def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
@@ -197,12 +197,12 @@ class TritonLinear(Linear):
 
 def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
     """x [..., K] times compatible NativeParams, outputs side by side, as [rows, sum of n]: the
-    SIMD kernel up to `kernel_rows` x rows (each weight read once), else float32 GEMMs over
+    SIMD kernel up to KERNEL_ROWS x rows (each weight read once), else float32 GEMMs over
     widened blocks (float32 weights: used as they are)."""
-    from .native import linear_many, prefill_gemm
+    from .native import KERNEL_ROWS, linear_many, prefill_gemm
 
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    if flat.shape[0] <= parts[0].kernel_rows:
+    if flat.shape[0] <= KERNEL_ROWS:
         return linear_many(flat, parts)
     if parts[0].rounds_input:
         flat = round_input_int16(flat)

@@ -30,16 +30,10 @@ KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3
         DType.FLOAT32: 4}
 TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 # Up to this many x rows the SIMD kernel computes from the stored weights (past 8 rows in
-# cache-sized blocks: rows_blocked in linear_simd.cpp); beyond, the weights are widened a block at
-# a time for torch's float32 GEMM (prefill_gemm). Crossovers on the 1.1B layer shapes, G multiply-
-# adds/s, kernel vs GEMM, one run of `python bench/kernels.py --paths kernel gemm --rows 16 32 64
-# 128 256 512`: float16 128 rows 73 vs 53, 512 67 vs 56; float32 256 57 vs 54, 512 50 vs 61; int4
-# 256 56 vs 49, 512 55 vs 54; int4g128 256 45 vs 44, 512 42 vs 49; int8 128 57 vs 47, 512 48 vs
-# 61; int4g32 32 28 vs 27, 64 28 vs 32 (a float32 rescale of every 32-code group's integer sums
-# holds the kernel near 29 at any row count).
+# cache-sized blocks: rows_blocked/rows_widened in linear_simd.cpp); beyond, the weights are
+# widened a block at a time for torch's float32 GEMM (prefill_gemm). See bench/RESULTS.md for the
+# crossovers (`python bench/kernels.py --paths kernel gemm --rows 16 32 64 128 256 512`).
 KERNEL_ROWS = 256
-KERNEL_ROWS_INT8 = 128
-KERNEL_ROWS_SMALL_GROUPS = 32  # int4 with groups under 128 elements
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 TRANSPOSED_BELOW = 256  # prompts shorter than this compute their GEMMs transposed (see prefill_gemm)
 
@@ -118,15 +112,6 @@ class NativeParams:
     def rounds_input(self) -> bool:
         """Whether the kernel multiplies round_input_int16(x) (the int4 kinds)."""
         return self.kind == KIND[DType.INT4_NOZERO]
-
-    @property
-    def kernel_rows(self) -> int:
-        """The most x rows the kernel computes; longer inputs go to prefill_gemm."""
-        if self.kind == KIND[DType.INT8]:
-            return KERNEL_ROWS_INT8
-        if self.kind == KIND[DType.INT4_NOZERO] and self.group < 128:
-            return KERNEL_ROWS_SMALL_GROUPS
-        return KERNEL_ROWS
 
     @staticmethod
     def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:

@@ -1,8 +1,9 @@
 // flm's CPU linear kernels: y[M, N] = x[M, K] (float32) times W[N, K]^T, with W in its .flm
 // storage type, widened a vector at a time to float32 with fastllm's formulas and accumulated in
 // float32 (int4: codes times x rounded to 16 bits, summed in int32, see quant.round_input_int16).
-// Decode (small M) reads every weight exactly once; prefill callers use `dequantize_rows` and a
-// float32 GEMM instead.
+// Every call reads each weight from memory once: a few x rows (decode) per pass over a weight
+// tile, a prompt in cache-sized blocks (rows_blocked, rows_widened); prompts past the caller's
+// limit use `dequantize_rows` and a float32 GEMM instead.
 //
 // One source, two instruction sets: compiled with -mavx512f it uses 16-lane AVX-512 vectors,
 // otherwise 8-lane AVX2 (+FMA, F16C). Only the primitives in simd.h differ; the loops are shared.
@@ -22,10 +23,14 @@ namespace {
 
 constexpr int MB = 4;  // x rows per pass over a weight tile
 constexpr int64_t NC = 48, KC = 2048;  // a prefill block: weight rows x columns (see rows_blocked)
+constexpr int64_t KCW = 512;           // columns of a widened quantized block (rows_widened)
 constexpr int64_t BLOCKED_ABOVE = 8;  // more x rows than this take rows_blocked
 
-struct Span {  // columns [begin, end) of K
+// Columns [begin, end) of K a tile sums; `carry`: add the raw sum the earlier spans left in the
+// output; `finish`: this is the last span, apply the scales and shifts.
+struct Span {
     int64_t begin, end;
+    bool carry, finish;
 };
 
 // Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
@@ -151,8 +156,8 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
         for (int i = 0; i < MR; ++i) {
             float y = vsum(acc[r][i]);
             float &o = out[i * n_out + r];
-            if (ks.begin > 0) y += o;  // the earlier spans' raw sum
-            if (ks.end == k_in) {
+            if (ks.carry) y += o;
+            if (ks.finish) {
                 if (KIND == 2)  // codes were read as q, not q - 128
                     y = y * p.scale[n + r] + (p.shift[n + r] - 128.f * p.scale[n + r]) * xsum[i];
                 if constexpr (is_int4<KIND>)  // xq's scale; the groups' shift terms, one dot product per row
@@ -183,7 +188,7 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
-    const Span all{0, k_in};
+    const Span all{0, k_in, false, true};
     auto all_rows = [&](auto nr, int64_t n) {
         for (int64_t m0 = 0; m0 < M; m0 += MB) tile_rows<KIND, decltype(nr)::value, true>(p, n, m0, M, xs, k_in, all, ys, n_out);
     };
@@ -207,11 +212,37 @@ void rows_blocked(const Params &p, int64_t begin, int64_t end, int64_t M, const 
     for (int64_t n0 = begin; n0 < end; n0 += NC) {
         const int64_t n1 = std::min(n0 + NC, end);
         for (int64_t k0 = 0; k0 < k_in; k0 += KC) {
-            const Span ks{k0, std::min(k0 + KC, k_in)};
+            const Span ks{k0, std::min(k0 + KC, k_in), k0 > 0, k0 + KC >= k_in};
             for (int64_t m0 = 0; m0 < M; m0 += MB) {
                 int64_t n = n0;
                 for (; n + NR <= n1; n += NR) tile_rows<KIND, NR, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
                 for (; n < n1; ++n) tile_rows<KIND, 1, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
+            }
+        }
+    }
+}
+
+// int4 rows [begin, end) against many x rows: each block of NC rows x KCW columns widened once
+// to float32 (fastllm's formula, as dequantize_rows) into a per-thread buffer, which the float32
+// tiles then read like any float weight; x is float32, already rounded to its 16-bit grid.
+void rows_widened(const Params &p, int64_t begin, int64_t end, int64_t M, const float *x, int64_t k_in, float *ys,
+                  int64_t n_out) {
+    thread_local std::vector<float> block;
+    block.resize(NC * KCW);
+    for (int64_t n0 = begin; n0 < end; n0 += NC) {
+        const int64_t n1 = std::min(n0 + NC, end);
+        for (int64_t k0 = 0; k0 < k_in; k0 += KCW) {
+            const int64_t kc = std::min(KCW, k_in - k0);
+            for (int64_t n = n0; n < n1; ++n)
+                for (int64_t k = 0; k < kc; k += W) vstore(block.data() + (n - n0) * kc + k, load_w(p, n, k0 + k));
+            // the block as float32 rows n0..n1 of kc columns; x from column k0; outputs from column n0
+            const Params wide{4, (const uint8_t *)block.data(), kc * 4, nullptr, nullptr, kc, 1, n1 - n0};
+            const Input xk{x + k0, nullptr, nullptr, nullptr, 0};
+            const Span ks{0, kc, k0 > 0, true};
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                int64_t n = 0;
+                for (; n + 3 <= n1 - n0; n += 3) tile_rows<4, 3, false>(wide, n, m0, M, xk, k_in, ks, ys + n0, n_out);
+                for (; n < n1 - n0; ++n) tile_rows<4, 1, false>(wide, n, m0, M, xk, k_in, ks, ys + n0, n_out);
             }
         }
     }
@@ -224,6 +255,13 @@ void rows_any(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
     else rows_for<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
 }
 
+// The step of a row's 16-bit grid: max|x| / 32767 (1 for a row of zeros).
+float int16_step(const float *row, int64_t k_in) {
+    float top = 0.f;
+    for (int64_t k = 0; k < k_in; ++k) top = std::max(top, std::fabs(row[k]));
+    return top > 0.f ? top / 32767.f : 1.f;
+}
+
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
 // grid of quant.round_input_int16), each 32-element block reordered evens-then-odds, the order
 // the int4 tiles read; sums[i, g] = s * sum of group g's xq (the rounded x's sum, exactly).
@@ -231,9 +269,7 @@ void round_int4_input(const float *x, int64_t M, int64_t k_in, int64_t group, in
                       float *sums) {
     for (int64_t i = 0; i < M; ++i) {
         const float *row = x + i * k_in;
-        float top = 0.f;
-        for (int64_t k = 0; k < k_in; ++k) top = std::max(top, std::fabs(row[k]));
-        const float s = top > 0.f ? top / 32767.f : 1.f;
+        const float s = int16_step(row, k_in);
         xscale[i] = s;
         for (int64_t g = 0; g < k_in / group; ++g) {
             int64_t total = 0;
@@ -245,6 +281,15 @@ void round_int4_input(const float *x, int64_t M, int64_t k_in, int64_t group, in
                 }
             sums[i * (k_in / group) + g] = s * (float)total;
         }
+    }
+}
+
+// The same grid as float32 in element order, s * round(x / s): what rows_widened multiplies.
+void round_input_float(const float *x, int64_t M, int64_t k_in, float *xr) {
+    for (int64_t i = 0; i < M; ++i) {
+        const float *row = x + i * k_in;
+        const float s = int16_step(row, k_in);
+        for (int64_t k = 0; k < k_in; ++k) xr[i * k_in + k] = std::nearbyint(row[k] / s) * s;
     }
 }
 
@@ -274,15 +319,24 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     std::vector<int64_t> offsets(parts + 1, 0);
     for (size_t j = 0; j < parts; ++j) offsets[j + 1] = offsets[j] + ps[j].n;
     const int64_t n_total = offsets[parts];
-    // int4 tiles read x rounded to 16 bits and deinterleaved; quantized kinds need sum(x) per
-    // group (int8: per row) for the shift term. Scratch reused across calls: the decode step
-    // calls this per layer.
-    thread_local std::vector<float> sums, xscale;
+    // int4 on at least as many x rows as a group has elements: the integer tiles would rescale
+    // each group's sums more often (once per x row) than widening touches each weight (once).
+    // 1.1B shapes, 32-element groups, 128 rows: 97-108 GFLOP/s widened vs 54-63 (64 rows: 92-94
+    // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
+    const bool widen = kind == 3 && M > BLOCKED_ABOVE && M >= ps[0].group;
+    // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in
+    // order); quantized kinds need sum(x) per group (int8: per row) for the shift term. Scratch
+    // reused across calls: the decode step calls this per layer.
+    thread_local std::vector<float> sums, xscale, rounded;
     thread_local std::vector<int16_t> xq;
     const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
     sums.resize(M * sum_stride);
     Input xs{x, nullptr, nullptr, sums.data(), sum_stride};
-    if (kind == 3) {
+    if (widen) {
+        rounded.resize(M * k_in);
+        round_input_float(x, M, k_in, rounded.data());
+        xs.x = rounded.data();
+    } else if (kind == 3) {
         xq.resize(M * k_in);
         xscale.resize(M);
         round_int4_input(x, M, k_in, group, xq.data(), xscale.data(), sums.data());
@@ -300,6 +354,10 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
             if (lo >= hi) continue;
             float *yj = ys + offsets[j];
+            if (widen) {
+                rows_widened(ps[j], lo, hi, M, xs.x, k_in, yj, n_total);
+                continue;
+            }
             switch (kind) {
             case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
             case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
