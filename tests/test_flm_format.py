@@ -196,3 +196,32 @@ def test_inspect_our_file(tmp_path, tiny_dir, capsys):
     assert main(["inspect", str(tmp_path / "m.flm")]) == 0
     out = capsys.readouterr().out
     assert "tokenizer.json stored" in out and "model.layers.0.self_attn.q_proj.weight" in out and " int8 " in out
+
+
+def _resident_file_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_prefault_maps_the_whole_file(tmp_path):
+    """Loading a model maps every page at once (FlmFile.prefault) so that the first prompt does
+    not fault its weights in 4 KB at a time: the file's pages count as resident right after."""
+    import mmap
+
+    with mmap.mmap(-1, 4096) as probe:
+        try:
+            probe.madvise(22)  # MADV_POPULATE_READ
+        except (OSError, AttributeError):
+            pytest.skip("this kernel cannot populate a mapping (Linux < 5.14)")
+    weights = np.random.default_rng(2).normal(size=(2048, 2048)).astype(np.float32)  # 16 MB
+    blob = flm_file({"model_type": "llama"}, [(b"a", 0, 0.0)], [tensor_record("big.weight", weights, "float32")])
+    path = tmp_path / "big.flm"
+    path.write_bytes(blob)
+    flm = read_flm(path)
+    before = _resident_file_mb()
+    flm.prefault()
+    assert _resident_file_mb() - before >= 0.75 * path.stat().st_size / 2**20  # unmapped: ~0
+    flm.close()

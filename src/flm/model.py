@@ -145,6 +145,8 @@ class Transformer:
                 raise FlmFormatError(flm.path, f"missing tensor {name} required by the model config")
             if tuple(rec.dims) != tuple(shape):
                 raise FlmFormatError(flm.path, f"tensor {name} has shape {list(rec.dims)} but the config implies {list(shape)}")
+        if device == "cpu":
+            flm.prefault()  # the weights are used where they lie: map them now, not during the first prompt
 
         def weight(name: str):
             """Linear weights as stored bytes (no copy even when a name left them unaligned)."""

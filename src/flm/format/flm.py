@@ -71,6 +71,9 @@ class TensorRecord:
         return int(np.prod(self.dims, dtype=np.int64)) if self.dims else 1
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11's mmap lacks the name
+
+
 @dataclass
 class FlmFile:
     """A parsed .flm file; tensor data stays in the memory map until asked for."""
@@ -103,6 +106,22 @@ class FlmFile:
 
     def quantized(self, rec: TensorRecord) -> Quantized:
         return Quantized(rec.dtype, rec.mins, rec.maxs, self.raw(rec), rec.group, rec.group_cnt)
+
+    def prefault(self) -> None:
+        """Map every page of the file now rather than on first touch (llama.cpp's MAP_POPULATE):
+        otherwise the first prompt pays a page fault per 4 KB of weights (1.1B float16: 0.3 s
+        from the page cache, several seconds from disk). Falls back to read-ahead where the
+        kernel lacks MADV_POPULATE_READ (Linux < 5.14); a no-op where mmap has no madvise."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        for advice in (MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+            if advice is None:
+                continue
+            try:
+                self._map.madvise(advice)
+                return
+            except OSError:
+                continue
 
     def close(self) -> None:
         self._buffer = None
