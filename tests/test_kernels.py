@@ -36,8 +36,7 @@ def test_native_module_builds_on_this_cpu():
 def test_native_linear_equals_reference(name, rows):
     """Every path: the kernel (one pass per weight tile up to 8 rows, cache-sized blocks beyond,
     up to KERNEL_ROWS = 256; int4 from as many rows as a group has elements: widened
-    blocks), then GEMMs over widened blocks of 256 weight rows (300 = two blocks),
-    transposed below 256 x rows."""
+    blocks), then GEMMs over widened blocks of 256 weight rows (300 = two blocks)."""
     torch.manual_seed(rows)
     out_features, in_features = 300, 384  # 384 = 3 groups of 128, 12 of 32
     w = torch.randn(out_features, in_features) * 0.05

@@ -35,7 +35,6 @@ TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 # crossovers (`python bench/kernels.py --paths kernel gemm --rows 16 32 64 128 256 512`).
 KERNEL_ROWS = 256
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
-TRANSPOSED_BELOW = 256  # prompts shorter than this compute their GEMMs transposed (see prefill_gemm)
 
 
 def cpu_isa() -> tuple[str, list[str]] | None:
@@ -162,28 +161,22 @@ def _widen_buffer(rows: int, k: int) -> torch.Tensor:
 
 
 def prefill_gemm(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
-    """[x W1^T | x W2^T | ...] for many x rows [M, K] (a prompt): each weight widened to float32
-    PREFILL_BLOCK rows at a time into one reused buffer, each block's GEMM written straight into
-    its columns of the result. Fresh blocks (page faults on every 2 MB) and a final
+    """[x W1^T | x W2^T | ...] for many x rows [M, K] (a long prompt): each weight widened to
+    float32 PREFILL_BLOCK rows at a time into one reused buffer, each block's GEMM written straight
+    into its columns of the result. Fresh blocks (page faults on every 2 MB) and a final
     concatenation made a 128-row product with a 1.1B up projection 1.4x slower (35.6 -> 25 ms).
-    Below TRANSPOSED_BELOW rows MKL ran faster computing the transposed product (block times
-    x^T, alternating runs: 95 vs 78 GFLOP/s at 128 rows; 100 vs 115 the other way at 512)."""
-    m = x.shape[0]
-    transposed = m < TRANSPOSED_BELOW
-    total = sum(p.n for p in parts)
-    out = torch.empty(total, m) if transposed else torch.empty(m, total)
+    (Below 256 rows MKL ran faster on the transposed product; no prompt that short comes here
+    since the SIMD kernel takes them.)"""
+    out = torch.empty(x.shape[0], sum(p.n for p in parts))
     col = 0
     for p in parts:
         as_stored = p.kind == TORCH_KIND[torch.float32]  # one GEMM over the weight where it lies
         for s in range(0, p.n, p.n if as_stored else PREFILL_BLOCK):
             e = p.n if as_stored else min(s + PREFILL_BLOCK, p.n)
             block = p.rows(s, e, None if as_stored else _widen_buffer(e - s, p.k))
-            if transposed:
-                torch.mm(block, x.t(), out=out[col + s: col + e])
-            else:
-                torch.mm(x, block.t(), out=out[:, col + s: col + e])
+            torch.mm(x, block.t(), out=out[:, col + s: col + e])
         col += p.n
-    return out.t().contiguous() if transposed else out
+    return out
 
 
 def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
