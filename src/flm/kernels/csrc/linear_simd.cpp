@@ -201,6 +201,24 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
     for (; n < end; ++n) all_rows(std::integral_constant<int, 1>{}, n);
 }
 
+// Weight rows [n0, n1) against every MB-row tile of x over the columns `ks`: NR rows per tile,
+// one at a time for the rest. The block is read from L2, each x tile from L1.
+template <int KIND, int NR>
+void block_tiles(const Params &p, int64_t n0, int64_t n1, int64_t M, const Input &xs, int64_t k_in, const Span &ks,
+                 float *ys, int64_t n_out) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) tile_rows<KIND, NR, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
+        for (; n < n1; ++n) tile_rows<KIND, 1, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
+    }
+}
+
+// Rows [n0, n1) of W, columns [k0, k0 + kc), widened to float32 into out [n1 - n0, kc].
+void widen(const Params &p, int64_t n0, int64_t n1, int64_t k0, int64_t kc, float *out) {
+    for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = 0; k < kc; k += W) vstore(out + (n - n0) * kc + k, load_w(p, n, k0 + k));
+}
+
 // Rows [begin, end) of W against many x rows (a prompt), blocked so that both stay in cache:
 // a block of NC weight rows times KC columns (tens of KB, in L2) meets every MB-row tile of x
 // (KC columns of it, in L1) before the next block is read. Walking all of x per pair of weight
@@ -213,11 +231,7 @@ void rows_blocked(const Params &p, int64_t begin, int64_t end, int64_t M, const 
         const int64_t n1 = std::min(n0 + NC, end);
         for (int64_t k0 = 0; k0 < k_in; k0 += KC) {
             const Span ks{k0, std::min(k0 + KC, k_in), k0 > 0, k0 + KC >= k_in};
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                int64_t n = n0;
-                for (; n + NR <= n1; n += NR) tile_rows<KIND, NR, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
-                for (; n < n1; ++n) tile_rows<KIND, 1, false>(p, n, m0, M, xs, k_in, ks, ys, n_out);
-            }
+            block_tiles<KIND, NR>(p, n0, n1, M, xs, k_in, ks, ys, n_out);
         }
     }
 }
@@ -233,17 +247,11 @@ void rows_widened(const Params &p, int64_t begin, int64_t end, int64_t M, const 
         const int64_t n1 = std::min(n0 + NC, end);
         for (int64_t k0 = 0; k0 < k_in; k0 += KCW) {
             const int64_t kc = std::min(KCW, k_in - k0);
-            for (int64_t n = n0; n < n1; ++n)
-                for (int64_t k = 0; k < kc; k += W) vstore(block.data() + (n - n0) * kc + k, load_w(p, n, k0 + k));
-            // the block as float32 rows n0..n1 of kc columns; x from column k0; outputs from column n0
+            widen(p, n0, n1, k0, kc, block.data());
+            // the block as float32 rows 0..n1 - n0 of kc columns; x from column k0; outputs from column n0
             const Params wide{4, (const uint8_t *)block.data(), kc * 4, nullptr, nullptr, kc, 1, n1 - n0};
             const Input xk{x + k0, nullptr, nullptr, nullptr, 0};
-            const Span ks{0, kc, k0 > 0, true};
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                int64_t n = 0;
-                for (; n + 3 <= n1 - n0; n += 3) tile_rows<4, 3, false>(wide, n, m0, M, xk, k_in, ks, ys + n0, n_out);
-                for (; n < n1 - n0; ++n) tile_rows<4, 1, false>(wide, n, m0, M, xk, k_in, ks, ys + n0, n_out);
-            }
+            block_tiles<4, 3>(wide, 0, n1 - n0, M, xk, k_in, Span{0, kc, k0 > 0, true}, ys + n0, n_out);
         }
     }
 }
@@ -403,10 +411,8 @@ void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::
     TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == (row1 - row0) * k_in,
                 "out must be a contiguous float32 [rows, K] tensor");
     float *os = out.data_ptr<float>();
-    at::parallel_for(row0, row1, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-            for (int64_t k = 0; k < k_in; k += W) vstore(os + (n - row0) * k_in + k, load_w(p, n, k));
-    });
+    at::parallel_for(row0, row1, 16,
+                     [&](int64_t begin, int64_t end) { widen(p, begin, end, 0, k_in, os + (begin - row0) * k_in); });
 }
 
 }  // namespace flm
