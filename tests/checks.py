@@ -13,9 +13,10 @@ def logits_close(got: torch.Tensor, want: torch.Tensor, relative: float) -> bool
     return float((got - want).abs().max()) <= relative * float(want.max() - want.min())
 
 
-def fused_rounds_input_once(fused, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    """fused(x), asserting that FusedLinear rounded x to int4's 16-bit grid exactly once for all
-    its parts and that the result equals each part run alone, bit for bit; returns the result."""
+def fused_rounds_input_once(fused, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, times: int = 1) -> torch.Tensor:
+    """fused(x), asserting that FusedLinear rounded x to int4's 16-bit grid with torch ops
+    `times` times for all its parts (once; none where the parts' kernels round it) and that the
+    result equals each part run alone, bit for bit; returns the result."""
     import flm.kernels as kernels
     from flm.quant import round_input_int16
 
@@ -23,6 +24,6 @@ def fused_rounds_input_once(fused, x: torch.Tensor, monkeypatch: pytest.MonkeyPa
     calls = []
     monkeypatch.setattr(kernels, "round_input_int16", lambda t: calls.append(t) or round_input_int16(t))
     got = fused(x)
-    assert len(calls) == 1
+    assert len(calls) == times
     torch.testing.assert_close(got, alone, rtol=0, atol=0)
     return got

@@ -101,17 +101,36 @@ def test_padded_groups():
     torch.testing.assert_close(_product(x, q, shape), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_int4_parts_round_the_input_once(monkeypatch):
-    """q/k/v-style parts on the Triton kernels: one rounding of x for the int4 parts (counted),
-    the same outputs as each part alone; a 16-bit part beside them gets x as it is."""
+@pytest.mark.parametrize("rows", [2, GEMV_ROWS + 1])
+def test_fused_int4_parts_round_the_input_once(monkeypatch, rows):
+    """q/k/v-style parts on the Triton kernels: a decode-sized x is rounded in each GEMV, a
+    prefill's once by torch ops for all int4 parts (counted); the same outputs as each part
+    alone; a 16-bit part beside them gets x as it is."""
     torch.manual_seed(5)
     shapes = [(48, 64), (16, 64), (16, 64)]
     ws = [torch.randn(*shape) * 0.05 for shape in shapes]
     qs = [quantize(w, DType.INT4_GROUP, 32) for w in ws[:2]]
     parts = [TritonLinear(_on_device(q), shape, None) for q, shape in zip(qs, shapes)]
     parts.append(TritonLinear(ws[2].to(DEVICE, torch.float16), shapes[2], None))
-    x = torch.randn(2, 64, device=DEVICE)
-    got = fused_rounds_input_once(FusedLinear(parts), x, monkeypatch)
+    x = torch.randn(rows, 64, device=DEVICE)
+    got = fused_rounds_input_once(FusedLinear(parts), x, monkeypatch, times=0 if rows <= GEMV_ROWS else 1)
     want = torch.cat([round_input_int16(x.cpu()) @ dequantize(q, shape).T for q, shape in zip(qs, shapes)]
                      + [x.cpu() @ ws[2].half().float().T], dim=-1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4g32"])
+def test_gemv_rounds_the_input_as_torch_does(name):
+    """The GEMV's own rounding of x equals round_input_int16 bit for bit: rows with values on
+    halves of the grid (to even), a row of zeros, a row whose largest value is negative."""
+    torch.manual_seed(6)
+    stored, _, _ = _weight(name, torch.randn(40, 256) * 0.05)
+    weight = TritonWeight(_on_device(stored), (40, 256))
+    x = torch.randn(4, 256)
+    x[1] = (torch.arange(256) - 127.5) / 1024  # each on a half of the grid's step, 1 / 1024 ...
+    x[1, 0] = -32767.0 / 1024  # ... set by the largest |x|, negative
+    x[2] = 0.0
+    x = x.to(DEVICE)
+    inside = triton_product(x, weight)
+    ahead = triton_product(round_input_int16(x), weight, input_rounded=True)
+    torch.testing.assert_close(inside, ahead, rtol=0, atol=0)

@@ -31,6 +31,11 @@ class Linear:
         """The float32 weight this layer computes with (for checks and tied embeddings)."""
         raise NotImplementedError
 
+    def rounds_in_kernel(self, rows: int) -> bool:
+        """Whether x of this many rows is rounded inside the product's own kernel, so that
+        rounding it once beforehand for fused parts would only add work."""
+        return False
+
 
 class FloatLinear(Linear):
     """float32/bfloat16/float16 weights used in place. Activations stay float32 (a bf16/fp16
@@ -153,10 +158,12 @@ class FusedLinear(Linear):
         return y if self.bias is None else y + self.bias
 
     def _each_part(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if sum(p.rounds_input for p in self.parts) < 2:
+        rows = x.numel() // self.in_features
+        ahead = [p.rounds_input and not p.rounds_in_kernel(rows) for p in self.parts]
+        if sum(ahead) < 2:
             return [p(x) for p in self.parts]
         rounded = round_input_int16(x)
-        return [p(rounded, input_rounded=True) if p.rounds_input else p(x) for p in self.parts]
+        return [p(rounded, input_rounded=True) if early else p(x) for p, early in zip(self.parts, ahead)]
 
     def dense(self) -> torch.Tensor:
         return torch.cat([p.dense() for p in self.parts])
@@ -192,6 +199,11 @@ class TritonLinear(Linear):
 
     def dense(self) -> torch.Tensor:
         return self.weight.dense()
+
+    def rounds_in_kernel(self, rows: int) -> bool:
+        from .triton_linear import GEMV_ROWS
+
+        return self.rounds_input and rows <= GEMV_ROWS
 
 
 def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
