@@ -101,6 +101,19 @@ def test_padded_groups():
     torch.testing.assert_close(_product(x, q, shape), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS + 1])
+def test_groups_of_other_sizes(rows):
+    """Groups of 24 (not a power of two, so the GEMV takes each code's scale on its own rather
+    than a slice's) and of 256 (wider than a GEMV tile: one scale for the whole tile)."""
+    torch.manual_seed(7)
+    for group in (24, 256):
+        w = torch.randn(24, 768) * 0.05
+        q = quantize(w, DType.INT4_GROUP, group)
+        x = torch.randn(rows, 768)
+        want = round_input_int16(x) @ dequantize(q, (24, 768)).T
+        torch.testing.assert_close(_product(x, q, (24, 768)), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [2, GEMV_ROWS + 1])
 def test_fused_int4_parts_round_the_input_once(monkeypatch, rows):
     """q/k/v-style parts on the Triton kernels: a decode-sized x is rounded in each GEMV, a
