@@ -5,6 +5,7 @@ llama-cpp-python, each engine in its own child process (for a clean peak RSS), a
     python bench/run.py --model smollm2      # SmolLM2-135M-Instruct
     python bench/run.py --engines flm --dtypes int4g
     python bench/run.py --device cuda        # flm's CUDA path beside transformers on the same GPU
+    python bench/run.py --model smollm2 --engines flm llama.cpp --rounds 3   # medians of 3 rounds
 
 Prints prefill and decode tokens/s, time to first token, peak RSS, decode effective GB/s against
 the measured memory bandwidth (the GPU's with --device cuda, where peak GPU memory is added and
@@ -167,10 +168,15 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: flm and transformers on the GPU")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each dtype's engines alternately this many times and report medians (a shared "
+                             "machine's slow phases last minutes and move single runs up to 2x)")
     parser.add_argument("--child", choices=("flm", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.child:
         args.engine = args.child
         child_main(args)
@@ -188,44 +194,96 @@ def main() -> None:
     src, flm_files, gguf_files = prepare(args)
     print(f"model {args.model}, device {device_label(args.device)}, {args.threads} threads, prompt {args.prompt}, "
           f"generate {args.gen}, measured read bandwidth {bandwidth:.1f} GB/s")
-    rows = []
-    done_peers: dict[tuple[str, str], dict] = {}
-    for dtype in args.dtypes:
-        flm = in_child("flm", str(flm_files[dtype]), dtype, args)
-        peers = {}
-        gguf_kind = GGUF_PEER[dtype]
-        # transformers bf16 is every dtype's peer; on a GPU float16 also meets transformers fp16
-        # (a CPU has no float16 matrix units: there it is no real peer)
+    rows = measure_all(args, src, flm_files, gguf_files)
+    report(rows, bandwidth, gpu=args.device != "cpu", rounds=args.rounds)
+
+
+def peer_runs(dtype: str, args: argparse.Namespace, src: Path, gguf_files: dict[str, Path]) -> list[tuple[str, str, str, str]]:
+    """(label, engine, path, engine's dtype) of this dtype's peers: llama.cpp at its GGUF type; transformers
+    bf16 for every dtype, and on a GPU fp16 for float16 (a CPU has no float16 matrix units: there
+    it is no real peer)."""
+    out = []
+    kind = GGUF_PEER[dtype]
+    if "llama.cpp" in args.engines and kind in gguf_files:
+        out.append((f"llama.cpp {kind}", "llama.cpp", str(gguf_files[kind]), kind))
+    if "transformers" in args.engines:
         hf_dtype = "fp16" if args.device != "cpu" and dtype == "float16" else "bf16"
-        if "llama.cpp" in args.engines and gguf_kind in gguf_files:
-            key = ("llama.cpp", gguf_kind)
-            done_peers.setdefault(key, in_child("llama.cpp", str(gguf_files[gguf_kind]), gguf_kind, args))
-            peers[f"llama.cpp {gguf_kind}"] = done_peers[key]
-        if "transformers" in args.engines:
-            key = ("transformers", hf_dtype)
-            done_peers.setdefault(key, in_child("transformers", str(src), hf_dtype, args))
-            peers[f"transformers {hf_dtype}"] = done_peers[key]
-        rows.append((dtype, flm, peers))
-    gpu = args.device != "cpu"
+        out.append((f"transformers {hf_dtype}", "transformers", str(src), hf_dtype))
+    return out
+
+
+def measure_all(args: argparse.Namespace, src: Path, flm_files: dict[str, Path],
+                gguf_files: dict[str, Path]) -> list[tuple[str, list, dict[str, list]]]:
+    """Per dtype: flm's runs and each peer's, alternating flm, peers, flm, peers ... for --rounds
+    rounds, so that slow phases of a shared machine fall on every engine alike. With one round a
+    peer shared by two dtypes (llama.cpp F16 for float16 and bfloat16) runs once."""
+    rows = []
+    once: dict[str, dict | None] = {}
+    for dtype in args.dtypes:
+        peers = peer_runs(dtype, args, src, gguf_files)
+        flm_results: list = []
+        peer_results: dict[str, list] = {label: [] for label, *_ in peers}
+        for round_no in range(args.rounds):
+            flm_results.append(in_child("flm", str(flm_files[dtype]), dtype, args))
+            for label, engine, path, peer_dtype in peers:
+                if args.rounds == 1:
+                    once.setdefault(label, in_child(engine, path, peer_dtype, args))
+                    peer_results[label].append(once[label])
+                else:
+                    peer_results[label].append(in_child(engine, path, peer_dtype, args))
+            if args.rounds > 1:  # each round as it ends: the medians come at the end
+                done = [(f"flm {dtype}", flm_results[-1])] + [(label, runs[-1]) for label, runs in peer_results.items()]
+                print(f"  round {round_no + 1}: " + ", ".join(
+                    f"{label} {r['prefill_tps']:.1f}/{r['decode_tps']:.2f}" for label, r in done if r)
+                      + " (prefill/decode tok/s)", flush=True)
+        rows.append((dtype, flm_results, peer_results))
+    return rows
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def median_result(results: list) -> dict | None:
+    """Each figure's median over the runs that finished (None when none did)."""
+    done = [r for r in results if r]
+    if not done:
+        return None
+    return {key: median([r[key] for r in done]) if isinstance(value, (int, float)) else value
+            for key, value in done[0].items()}
+
+
+def report(rows: list, bandwidth: float, gpu: bool, rounds: int) -> None:
+    if rounds > 1:
+        print(f"medians of {rounds} alternating rounds")
     print(f"{'engine':<24} {'prefill tok/s':>13} {'decode tok/s':>12} {'TTFT s':>7} {'peak RSS GB':>11} "
           f"{'decode GB/s':>11} {'% of bw':>7}" + (f" {'GPU GB':>7}" if gpu else ""))
     seen = set()
     for dtype, flm, peers in rows:
-        for name, result in [(f"flm {dtype}", flm)] + list(peers.items()):
-            if result is None or name in seen:
+        for name, results in [(f"flm {dtype}", flm)] + list(peers.items()):
+            result = median_result(results)
+            if result is None or (rounds == 1 and name in seen):
                 continue
             seen.add(name)
             gbs = result["weight_bytes"] * result["decode_tps"] / 1e9
             print(f"{name:<24} {result['prefill_tps']:>13.1f} {result['decode_tps']:>12.2f} {result['ttft_s']:>7.2f} "
                   f"{result['peak_rss_gb']:>11.2f} {gbs:>11.1f} {gbs / bandwidth:>7.0%}"
                   + (f" {result['peak_gpu_gb']:>7.2f}" if gpu else ""))
-    print("\nratios (flm / peer): prefill, decode")
+    print("\nratios (flm / peer): prefill, decode" + (" (median of the rounds' ratios, lowest-highest)" if rounds > 1 else ""))
     for dtype, flm, peers in rows:
-        for name, result in peers.items():
-            if flm and result:
-                print(f"  flm {dtype:<9} vs {name:<20} {flm['prefill_tps'] / result['prefill_tps']:>5.2f}x "
-                      f"{flm['decode_tps'] / result['decode_tps']:>5.2f}x")
-
+        for name, results in peers.items():
+            pairs = [(f, r) for f, r in zip(flm, results) if f and r]
+            if not pairs:
+                continue
+            line = f"  flm {dtype:<9} vs {name:<20}"
+            for key in ("prefill_tps", "decode_tps"):
+                ratios = [f[key] / r[key] for f, r in pairs]
+                line += f" {median(ratios):>5.2f}x"
+                if rounds > 1:
+                    line += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+            print(line)
 
 if __name__ == "__main__":
     main()

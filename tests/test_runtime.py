@@ -81,6 +81,28 @@ def test_rope_scaling_matches_transformers(tmp_path, kind, extra):
     assert logits_close(ours, theirs, 1e-4)
 
 
+def test_rotary_table_rows_equal_computed_ones():
+    """cos/sin come from a table that grows by doubling (256 rows, then 512 for position 300);
+    dynamic NTK past the trained length computes them for that length instead."""
+    from flm.config import ModelConfig, RopeScaling
+    from flm.rope import Rotary
+
+    base = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32, head_dim=32, max_position_embeddings=1024)
+    rotary = Rotary(ModelConfig(**base))
+    for positions in ([[3, 7]], [[300]], [[0, 255, 511]]):
+        positions = torch.tensor(positions)
+        got = rotary.cos_sin(positions)
+        want = rotary._computed(positions, rotary.inv_freq)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    assert rotary._tables[torch.device("cpu")][0].shape == (512, 32)
+    dynamic = Rotary(ModelConfig(**{**base, "max_position_embeddings": 16}, rope_scaling=RopeScaling(kind="dynamic", factor=2.0)))
+    positions = torch.tensor([[40]])
+    torch.testing.assert_close(dynamic.cos_sin(positions)[0], dynamic._computed(positions, dynamic.inv_freq_for(41))[0])
+    assert not dynamic._tables
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_other_dtypes_track_float32(tmp_path, tiny_dir, tiny_flm, dtype):
     convert(tiny_dir, tmp_path / "q.flm", ConvertOptions(dtype=dtype, group_size=32, template="base", progress=False))
@@ -265,6 +287,29 @@ def test_fastllm_written_file_without_tokenizer_json(tmp_path, writer):
     theirs = _hf_logits(reference, PROMPT_IDS)
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert logits_close(ours, theirs, 1e-4)
+
+
+def test_greedy_token_is_the_first_largest_logit():
+    from flm.generate import greedy_token
+
+    logits = torch.tensor([0.5, 2.0, -1.0, 2.0])
+    assert greedy_token(logits) == int(torch.argmax(logits)) == 1
+    with_nan = torch.tensor([0.5, float("nan"), 3.0])
+    assert greedy_token(with_nan) == int(torch.argmax(with_nan)) == 1
+
+
+def test_decode_step_bytes_count_a_tied_output_layer():
+    """The embedding table is read one row per step, unless it is also the output layer."""
+    from types import SimpleNamespace
+
+    from flm.bench import decode_step_bytes
+
+    def rec(name, n):
+        return SimpleNamespace(name=name, data_nbytes=n)
+
+    layers = [rec("model.layers.0.mlp.up_proj.weight", 100), rec("model.norm.weight", 4)]
+    assert decode_step_bytes(layers + [rec("model.embed_tokens.weight", 50), rec("lm_head.weight", 50)]) == 154
+    assert decode_step_bytes(layers + [rec("model.embed_tokens.weight", 50)]) == 154
 
 
 def test_bench_command_reports_speed(tiny_flm, capsys):

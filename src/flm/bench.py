@@ -100,11 +100,20 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
     return [(1000 + 37 * i) % (vocab - 100) + 50 for i in range(n)]
 
 
+def decode_step_bytes(records) -> int:
+    """Bytes of weights one decode step reads: all but the embedding table, of which it reads one
+    row, unless the table is also the output layer (tied, as in SmolLM2), read whole every step."""
+    records = list(records)
+    tied = not any(r.name == "lm_head.weight" for r in records)
+    return sum(r.data_nbytes for r in records if tied or r.name != "model.embed_tokens.weight")
+
+
 def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu") -> SpeedResult:
     """Load `path`, prefill `prompt` tokens in one pass (time to first token), decode `gen` tokens
     greedily, then prefill the prompt again: prefill tokens/s is that second, steady-state pass.
     Each greedy token is read back to the host, so decode timings include the GPU's work."""
     from . import llm
+    from .generate import greedy_token
 
     baseline = rss_gb()
     start = time.perf_counter()
@@ -115,19 +124,19 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     ids = prompt_ids(model.config.vocab_size, prompt)
     cache = transformer.new_cache(1, prompt + gen + 1)
     start = time.perf_counter()
-    token = int(transformer.forward(torch.tensor([ids]), cache)[0, -1].argmax())
+    token = greedy_token(transformer.forward(torch.tensor([ids]), cache)[0, -1])
     ttft = time.perf_counter() - start
     first_token_rss = rss_gb()
     start = time.perf_counter()
     for _ in range(gen):
-        token = int(transformer.forward(torch.tensor([[token]]), cache)[0, -1].argmax())
+        token = greedy_token(transformer.forward(torch.tensor([[token]]), cache)[0, -1])
     decode = time.perf_counter() - start
     synchronize(device)
     start = time.perf_counter()  # steady-state prefill: the first one also maps the weights' pages in
     transformer.forward(torch.tensor([ids]), transformer.new_cache(1, prompt + 1))
     synchronize(device)
     prefill = time.perf_counter() - start
-    weight_bytes = sum(r.data_nbytes for r in model._flm.tensors.values() if r.name != "model.embed_tokens.weight")
+    weight_bytes = decode_step_bytes(model._flm.tensors.values())
     return SpeedResult(load_s=load_s, ttft_s=ttft, prefill_tps=prompt / prefill, decode_tps=gen / decode,
                        weight_bytes=weight_bytes, file_bytes=os.path.getsize(path), baseline_rss_gb=baseline,
                        load_peak_rss_gb=load_peak, first_token_rss_gb=first_token_rss,

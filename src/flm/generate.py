@@ -40,12 +40,24 @@ def apply_repeat_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: floa
     return logits.scatter(-1, seen, picked)
 
 
+NO_TOKENS = torch.empty(0, dtype=torch.long)  # what a repeat penalty of 1.0 needs to know
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The index of the largest logit (the first of equals, as torch.argmax). On the CPU through
+    numpy: torch.argmax over SmolLM2's 49152 logits took 108 us here, numpy's 8 us, about 1.5%
+    of a decode step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig,
                 generator: torch.Generator | None) -> int:
     """One token id from a [vocab] float32 logits row."""
     logits = apply_repeat_penalty(logits, seen, cfg.repeat_penalty)
     if cfg.greedy:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
     logits = logits / cfg.temperature
     top_k = cfg.top_k if cfg.top_k > 0 else logits.numel()
     values, indices = torch.topk(logits, min(top_k, logits.numel()))
@@ -89,7 +101,8 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> int | None:
         """The next token from `logits`, or None when the sequence stops here."""
-        token = sample_next(logits.float().cpu(), torch.tensor(sorted(self.seen)), self.cfg, self.generator)
+        seen = torch.tensor(sorted(self.seen)) if self.cfg.repeat_penalty != 1.0 else NO_TOKENS
+        token = sample_next(logits.float().cpu(), seen, self.cfg, self.generator)
         if token in self.stops:
             self.finish_reason = "stop"
             return None

@@ -69,6 +69,7 @@ class Rotary:
         elif kind == "yarn":
             inv, self.scale = _yarn(cfg, self.dim)
         self.inv_freq = inv
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def inv_freq_for(self, seq_len: int) -> torch.Tensor:
         """transformers' dynamic NTK: past the trained length the base grows with seq_len."""
@@ -81,11 +82,37 @@ class Rotary:
         return base_inv_freq(base, self.dim)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [batch, seq, head_dim] for integer positions [batch, seq]."""
-        inv = self.inv_freq_for(int(positions.max()) + 1).to(positions.device)
+        """cos, sin of shape [batch, seq, head_dim] for integer positions [batch, seq]: rows of a
+        table kept per device (computing them per call was eight ops, ~70 us of a SmolLM2 decode
+        step's ~8 ms); dynamic NTK past the trained length computes them for that length."""
+        length = int(positions.max()) + 1
+        tables = self.tables(length, positions.device)
+        if tables is None:
+            return self._computed(positions, self.inv_freq_for(length).to(positions.device))
+        cos, sin = tables
+        return cos[positions], sin[positions]
+
+    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin [rows >= length, head_dim] for positions 0..rows-1, or None where the
+        frequencies depend on the length (dynamic NTK past the trained length)."""
+        if self.inv_freq_for(length) is not self.inv_freq:
+            return None
+        return self._table(length, torch.device(device))
+
+    def _computed(self, positions: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float32)[..., None] * inv[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scale, emb.sin() * self.scale
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [rows, head_dim] for positions 0..rows-1, rows a power of two >= length
+        (at least 256), grown by doubling."""
+        table = self._tables.get(device)
+        if table is None or table[0].shape[0] < length:
+            rows = 1 << max(length - 1, 255).bit_length()
+            cos, sin = self._computed(torch.arange(rows, device=device)[None], self.inv_freq.to(device))
+            table = self._tables[device] = (cos[0], sin[0])
+        return table
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
