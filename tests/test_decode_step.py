@@ -28,6 +28,7 @@ def _load(tmp_path, source, dtype):
     convert(source, path, ConvertOptions(dtype=dtype, group_size=32, template="base", progress=False))
     m = llm.model(path)
     assert m.model.decode_step is not None, "every layer should be on the SIMD kernels"
+    assert m.model.decode_step.has_head, "the output layer too"
     return m.model
 
 
@@ -62,10 +63,41 @@ def test_step_equals_layer_by_layer(request, tmp_path, dtype, source):
     _same_both_ways(model, lambda: _decode(model, PROMPT, 8), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int4g"])
+def test_output_layer_in_the_step_equals_it_after(tmp_path, tiny_dir, dtype):
+    """The final norm and output layer inside the C++ call (step_logits) against the step
+    followed by them in Python: the same logits but for the norm's summation order."""
+    model = _load(tmp_path, tiny_dir, dtype)
+    inside = _decode(model, PROMPT, 6)
+    model.decode_step.has_head = False
+    after = _decode(model, PROMPT, 6)
+    torch.testing.assert_close(inside, after, rtol=1e-5, atol=1e-5 * float(after.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_token_ids_in_the_step_equal_embedded_rows(tmp_path, tiny_dir, dtype):
+    """token_logits looks the embedding row (stored float32/fp16/bf16 bytes, or a quantized
+    table's widened rows) and the rotary rows up in C++: bit for bit what the torch lookups give."""
+    model = _load(tmp_path, tiny_dir, dtype)
+    assert model.decode_step.takes_tokens
+    inside = _decode(model, PROMPT, 6)
+    model.decode_step.takes_tokens = False
+    torch.testing.assert_close(_decode(model, PROMPT, 6), inside, rtol=0, atol=0)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, tiny_dir):
+    model = _load(tmp_path, tiny_dir, "float16")
+    cache = model.new_cache(1, 64)
+    model.forward(torch.tensor([PROMPT]), cache)
+    with pytest.raises(ValueError, match="token id outside"):
+        model.forward(torch.tensor([[model.cfg.vocab_size]]), cache)
+    assert cache.length == len(PROMPT)
+
+
 def test_sliding_window(tmp_path, tiny_dir):
     model = _load(tmp_path, tiny_dir, "float32")
     model.cfg.sliding_window = 4  # shorter than the prompt: the step must drop the oldest keys
-    model.decode_step = build_decode_step(model.cfg, model.layers)
+    model.decode_step = build_decode_step(model.cfg, model.layers, model.norm, model.lm_head)
     _same_both_ways(model, lambda: _decode(model, PROMPT, 6))
 
 

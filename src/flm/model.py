@@ -127,7 +127,7 @@ class Transformer:
         self.rotary = Rotary(cfg)
         self.device = device
         # one-token steps in one C++ call when every layer is on the SIMD kernels (else None)
-        self.decode_step = build_decode_step(cfg, layers)
+        self.decode_step = build_decode_step(cfg, layers, norm, lm_head, embed)
         # on a GPU, one-sequence decode steps replay a CUDA graph (FLM_CUDA_GRAPHS=0: eager)
         self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
 
@@ -200,7 +200,9 @@ class Transformer:
         batch, seq = tokens.shape
         start = cache.length
         cache.reserve(start + seq)
-        if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
+        ids = tokens.view(-1).tolist() if seq == 1 else None  # a step's few ids: no tensor reductions
+        low, high = (min(ids), max(ids)) if ids is not None else (int(tokens.min()), int(tokens.max()))
+        if low < 0 or high >= cfg.vocab_size:
             raise ValueError(f"token id outside 0..{cfg.vocab_size - 1}")
         if seq == 1 and batch == 1:
             graphed = graphed_step(self, cache)
@@ -208,15 +210,14 @@ class Transformer:
                 logits = graphed(int(tokens[0, 0]), start)
                 cache.length = start + 1
                 return logits
+        if seq == 1 and self.decode_step is not None:
+            logits = self._one_token_logits(ids, [cache.sequence_views(b) for b in range(batch)], [start] * batch)
+            cache.length = start + 1
+            return logits
         tokens = tokens.to(self.embed.device)
         x = self.embed(tokens)
         positions = torch.arange(start, start + seq, device=tokens.device).expand(batch, seq)
         cos, sin = self.rotary.cos_sin(positions)
-        if seq == 1 and self.decode_step is not None:
-            views = [cache.sequence_views(b) for b in range(batch)]
-            x = self._one_token_step(x, views, [start] * batch, cos, sin)
-            cache.length = start + 1
-            return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
         groups, end = cfg.num_attention_heads // cfg.num_key_value_heads, start + seq
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -269,30 +270,39 @@ class Transformer:
         batch = len(tokens)
         for cache in caches:
             cache.reserve(cache.length + 1)
+        if self.decode_step is not None:
+            logits = self._one_token_logits(tokens, [c.sequence_views(0) for c in caches], [c.length for c in caches])
+            for cache in caches:
+                cache.length += 1
+            return logits[:, 0]
         device = self.embed.device
         x = self.embed(torch.tensor(tokens, device=device)).view(batch, 1, -1)
         cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
         cos, sin = torch.cat(cos), torch.cat(sin)
-        if self.decode_step is not None:
-            x = self._one_token_step(x, [c.sequence_views(0) for c in caches], [c.length for c in caches], cos, sin)
-            for cache in caches:
-                cache.length += 1
-            return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         x = self._layers(x, cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window))
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
 
-    def _one_token_step(self, x: torch.Tensor, views: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
-                        positions: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Every layer for one token per sequence in the C++ step: x [B, 1, hidden] -> same shape."""
-        batch, _, hidden = x.shape
+    def _one_token_logits(self, tokens: list[int], views: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                          positions: list[int]) -> torch.Tensor:
+        """One token per sequence through the C++ step -> logits [B, 1, vocab]: from the ids in
+        one call where the step holds the embedding, output layer and (a table of) the rotary
+        rows; else the embedding and cos/sin in torch, and the output layer in the step or after."""
+        step, batch, hidden = self.decode_step, len(tokens), self.cfg.hidden_size
         keys = [k for seq_keys, _ in views for k in seq_keys]
         values = [v for _, seq_values in views for v in seq_values]
-        out = self.decode_step(x.reshape(batch, hidden).contiguous(), keys, values, positions,
-                               cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous())
-        return out.view(batch, 1, hidden)
+        tables = self.rotary.tables(max(positions) + 1, self.embed.device) if step.takes_tokens else None
+        if tables is not None:
+            return step.token_logits(tokens, keys, values, positions, *tables).view(batch, 1, -1)
+        x = self.embed(torch.tensor(tokens, device=self.embed.device)).reshape(batch, hidden).contiguous()
+        cos, sin = self.rotary.cos_sin(torch.tensor(positions, device=self.embed.device)[:, None])
+        args = (x, keys, values, positions, cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous())
+        if step.has_head:
+            return step.logits(*args).view(batch, 1, -1)
+        out = step(*args).view(batch, 1, hidden)
+        return self.lm_head(rms_norm(out, self.norm, self.cfg.rms_norm_eps))
 
 
 def _decode_attention(layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -23,17 +23,36 @@ class DecoderLayerWeights(Protocol):
     down: Linear
 
 
-class DecodeStep:
-    """x [B, hidden] -> x after every layer, one new token per sequence at its own position."""
+class EmbeddingRows(Protocol):
+    rows: torch.Tensor  # [vocab, hidden * element size] bytes as stored, or [vocab, hidden] float32
+    dtype: torch.dtype
 
-    def __init__(self, decoder, cfg: ModelConfig):
+
+class DecodeStep:
+    """x [B, hidden] -> x after every layer, one new token per sequence at its own position; with
+    `has_head`, `logits` also applies the final norm and output layer in the same call."""
+
+    def __init__(self, decoder, cfg: ModelConfig, has_head: bool, takes_tokens: bool):
         self.decoder = decoder
         self.window = cfg.sliding_window or 0
+        self.has_head = has_head
+        self.takes_tokens = takes_tokens
 
     def __call__(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[int],
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """keys/values: per sequence, per layer, [kv_heads, capacity, head_dim] views of its cache."""
         return self.decoder.step(x, keys, values, positions, cos, sin, self.window)
+
+    def logits(self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], positions: list[int],
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The step, then logits [B, vocab] (only where `has_head`)."""
+        return self.decoder.step_logits(x, keys, values, positions, cos, sin, self.window)
+
+    def token_logits(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+                     positions: list[int], cos_table: torch.Tensor, sin_table: torch.Tensor) -> torch.Tensor:
+        """From token ids (embedding and rotary rows looked up in C++) to logits [B, vocab]
+        (only where `takes_tokens`)."""
+        return self.decoder.token_logits(tokens, keys, values, positions, cos_table, sin_table, self.window)
 
 
 def _linear_weights(module, linear: Linear):
@@ -48,8 +67,14 @@ def _linear_weights(module, linear: Linear):
     return module.linear_weights(*kernel_args(params), params[0].k, bias.contiguous())
 
 
-def build_decode_step(cfg: ModelConfig, layers: Sequence[DecoderLayerWeights]) -> DecodeStep | None:
-    """The C++ step over these layers, or None when the kernels or some layer's weights do not allow it."""
+EMBEDDING_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}  # the kernels' codes
+
+
+def build_decode_step(cfg: ModelConfig, layers: Sequence[DecoderLayerWeights], norm: torch.Tensor,
+                      lm_head: Linear, embedding: EmbeddingRows | None = None) -> DecodeStep | None:
+    """The C++ step over these layers (and the final norm and output layer where those are on the
+    kernels too; with them, the embedding lookup), or None when the kernels or some layer's
+    weights do not allow it."""
     module = native()
     if module is None or cfg.hidden_act != "silu":
         return None
@@ -61,4 +86,11 @@ def build_decode_step(cfg: ModelConfig, layers: Sequence[DecoderLayerWeights]) -
             return None
         norms = [n.to(torch.float32).contiguous() for n in (layer.input_norm, layer.post_norm)]
         decoder.add_layer(*norms, *linears)
-    return DecodeStep(decoder, cfg)
+    head = _linear_weights(module, lm_head)
+    if head is not None:
+        decoder.set_head(norm.to(torch.float32).contiguous(), head)
+    takes_tokens = (head is not None and embedding is not None and embedding.dtype in EMBEDDING_KINDS
+                    and embedding.rows.device.type == "cpu" and embedding.rows.is_contiguous())
+    if takes_tokens:
+        decoder.set_embedding(embedding.rows, EMBEDDING_KINDS[embedding.dtype])
+    return DecodeStep(decoder, cfg, has_head=head is not None, takes_tokens=takes_tokens)
