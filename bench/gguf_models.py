@@ -1,7 +1,7 @@
 """GGUF files for the llama.cpp side of the benchmark, made with llama.cpp's own tools: its
 `convert_hf_to_gguf.py` (from the llama-cpp-python source distribution matching the installed
 version, fetched once from PyPI) writes F16, and llama.cpp's quantizer (through
-llama-cpp-python's `llama_model_quantize`) makes Q8_0 and Q4_0 from it."""
+llama-cpp-python's `llama_model_quantize`) makes Q8_0, Q4_0 and Q4_1 from it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-FTYPES = {"Q8_0": 7, "Q4_0": 2}
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}
 
 
 def _llama_cpp_tools(cache: Path) -> Path:
@@ -40,7 +40,7 @@ def _llama_cpp_tools(cache: Path) -> Path:
 
 
 def gguf_for(model_dir: Path, kind: str, out_dir: Path) -> Path:
-    """The GGUF of `model_dir` in llama.cpp type `kind` (F16, Q8_0, Q4_0), built once."""
+    """The GGUF of `model_dir` in llama.cpp type `kind` (F16, Q8_0, Q4_0, Q4_1), built once."""
     import llama_cpp
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from flm.bench import bandwidth_gbs, device_label, measure_flm, peak_gpu_gb, peak_rss_gb, prompt_ids, synchronize  # noqa: E402
 
 FLM_DTYPES = ("float16", "bfloat16", "int8", "int4", "int4g")
-GGUF_PEER = {"float16": "F16", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_0", "int4g": "Q4_0"}
+# llama.cpp's type of the same kind: int4g (a scale and a minimum per group) meets Q4_1 (the same
+# per 32 weights), per-row int4 meets Q4_0 (the peer for fastllm's int4)
+GGUF_PEER = {"float16": "F16", "bfloat16": "F16", "int8": "Q8_0", "int4": "Q4_0", "int4g": "Q4_1"}
 
 
 # ------------------------------------------------------------------ engines (run in a child)
