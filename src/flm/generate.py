@@ -45,8 +45,8 @@ NO_TOKENS = torch.empty(0, dtype=torch.long)  # what a repeat penalty of 1.0 nee
 
 def greedy_token(logits: torch.Tensor) -> int:
     """The index of the largest logit (the first of equals, as torch.argmax). On the CPU through
-    numpy: torch.argmax over SmolLM2's 49152 logits took 108 us here, numpy's 8 us, about 1.5%
-    of a decode step."""
+    numpy: over SmolLM2's 49152 logits torch.argmax took 108 us here, numpy's 8 (both warm;
+    about 1.5% of an int4 decode step)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return int(logits.numpy().argmax())
     return int(torch.argmax(logits))
