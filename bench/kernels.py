@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from flm.bench import bandwidth_gbs, device_label, synchronize
 from flm.kernels import make_linear, triton_linear
-from flm.kernels.native import linear_many, prefill_gemm
-from flm.quant import DType, Quantized, quantize, round_input_int16
+from flm.kernels.native import gemm_product, linear_many
+from flm.quant import DType, Quantized, quantize
 
 SHAPES = [(2048, 2048), (11264, 2048), (2048, 5632)]  # q/o, gate+up, down of the 1.1B model
 KINDS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": (DType.INT8, 128),
@@ -47,7 +47,7 @@ def _kernel_path(lin):
 
 
 def _gemm_path(lin):
-    return lambda x: prefill_gemm(round_input_int16(x) if lin.params.rounds_input else x, [lin.params])
+    return lambda x: gemm_product(x, [lin.params])
 
 
 CPU_PATHS = {"kernel": _kernel_path, "gemm": _gemm_path}

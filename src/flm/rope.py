@@ -86,10 +86,10 @@ class Rotary:
         table kept per device (computing them per call was eight ops, ~70 us of a SmolLM2 decode
         step's ~8 ms); dynamic NTK past the trained length computes them for that length."""
         length = int(positions.max()) + 1
-        tables = self.tables(length, positions.device)
-        if tables is None:
-            return self._computed(positions, self.inv_freq_for(length).to(positions.device))
-        cos, sin = tables
+        inv = self.inv_freq_for(length)
+        if inv is not self.inv_freq:
+            return self._computed(positions, inv.to(positions.device))
+        cos, sin = self._table(length, positions.device)
         return cos[positions], sin[positions]
 
     def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -210,14 +210,12 @@ def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
     """x [..., K] times compatible NativeParams, outputs side by side, as [rows, sum of n]: the
     SIMD kernel up to KERNEL_ROWS x rows (each weight read once), else float32 GEMMs over
     widened blocks (float32 weights: used as they are)."""
-    from .native import KERNEL_ROWS, linear_many, prefill_gemm
+    from .native import KERNEL_ROWS, gemm_product, linear_many
 
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     if flat.shape[0] <= KERNEL_ROWS:
         return linear_many(flat, parts)
-    if parts[0].rounds_input:
-        flat = round_input_int16(flat)
-    return prefill_gemm(flat, parts)
+    return gemm_product(flat, parts)
 
 
 def make_linear(weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None = None,

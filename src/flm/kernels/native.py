@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant import DType, Quantized, lowbit_params
+from ..quant import DType, Quantized, lowbit_params, round_input_int16
 
 log = logging.getLogger("flm")
 CSRC = Path(__file__).parent / "csrc"
@@ -177,6 +177,11 @@ def prefill_gemm(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
             torch.mm(x, block.t(), out=out[:, col + s: col + e])
         col += p.n
     return out
+
+
+def gemm_product(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
+    """prefill_gemm on x rounded as the parts' kernels would round it (int4: 16-bit grid)."""
+    return prefill_gemm(round_input_int16(x) if parts[0].rounds_input else x, parts)
 
 
 def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
