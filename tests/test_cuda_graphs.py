@@ -1,6 +1,8 @@
-"""The CUDA-graph decode step: its fixed-shape step (whole-cache attention with a mask, RoPE
-from a table, keys written with index_copy_) against the eager step on the CPU, where it runs
-without a graph; the recorded graph itself on a GPU (skipped without one)."""
+"""The CUDA-graph decode step: its fixed-shape step (RoPE from a table; attention either in
+Triton's fused kernels, run here by its interpreter, or whole-cache torch ops with a mask and
+keys written with index_copy_) against the eager step on the CPU, where it runs without a
+graph; the fused kernels against the torch formulas; the recorded graph itself on a GPU
+(skipped without one)."""
 
 import pytest
 import torch
@@ -9,6 +11,11 @@ from checks import logits_close, needs_gpu
 from flm import llm
 from flm.convert import ConvertOptions, convert
 from flm.cuda_graphs import GraphedStep
+from flm.kernels import triton_decode
+from flm.model import _single_query_attention
+from flm.rope import apply_rotary
+
+needs_triton = pytest.mark.skipif(triton_decode.triton is None, reason="Triton is not installed (pip install triton)")
 
 PROMPT = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366]
 
@@ -44,11 +51,46 @@ def _steps(model, steps: int, fixed_shape: bool, capacity: int = 32, initial: in
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_triton)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_fixed_shape_step_equals_eager_step(files, window):
-    model = llm.model(files["float32"], reference=True).model  # the layer-by-layer path
+def test_fixed_shape_step_equals_eager_step(files, window, fused):
+    # the layer-by-layer path; Triton's kernels run compiled on a GPU, else in its interpreter
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"
+    model = llm.model(files["float32"], reference=True, device=device).model
     model.cfg.sliding_window = window  # 5: shorter than the prompt, the mask must hide the oldest keys
+    model.fused_attention = fused
     assert logits_close(_steps(model, 8, fixed_shape=True), _steps(model, 8, fixed_shape=False), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dim", [16, 24])  # 24: neither half nor whole a power of two (masked lanes)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("position", [0, 3, 31, 32, 39])  # 31/32: the ends of the first block of slots
+def test_fused_attention_kernels_equal_torch_formulas(dim, window, position):
+    torch.manual_seed(position)
+    heads, kv_heads, capacity = 6, 2, 40
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keys, values = torch.randn(2, 1, kv_heads, capacity, dim, device=device)
+    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * dim, device=device)
+    cos, sin = torch.randn(2, capacity, dim, device=device)
+    want_keys, want_values = keys.clone(), values.clone()
+
+    pos = torch.tensor([position], device=device)
+    q = triton_decode.rotary_store(qkv, cos, sin, pos, keys, values, heads)
+    attn = triton_decode.decode_attention(q, keys, values, pos, window)
+
+    q_ref, k_ref, v_ref = (t.reshape(1, 1, -1, dim).transpose(1, 2)
+                           for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    q_ref = apply_rotary(q_ref, cos[position][None, None], sin[position][None, None])
+    want_keys[:, :, position] = apply_rotary(k_ref, cos[position][None, None], sin[position][None, None])[:, :, 0]
+    want_values[:, :, position] = v_ref[:, :, 0]
+    slots = torch.arange(capacity, device=device)
+    visible = (slots <= position) & (slots > position - window if window else True)
+    want = _single_query_attention(q_ref, want_keys, want_values, visible=visible)[0, :, 0]
+    torch.testing.assert_close(q, q_ref[0, :, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)
+    assert torch.equal(values, want_values)
+    torch.testing.assert_close(attn, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_gpu

@@ -5,9 +5,10 @@ Python, so it is bound by launch overhead, not by the GPU (the 1.1B model decode
 float16 on an H200, whose ~4100 GB/s would read its 2.2 GB of weights ~1800 times a second;
 64 with the same eager step in a later run, 112 replayed). A graph recorded once per cache
 replays the whole step in one call. It is recorded over the cache's current storage with
-every shape fixed by its capacity: attention covers all slots and masks those the query does
-not see, RoPE comes from a table of every slot's angles, and the token and position are device
-tensors filled before each replay.
+every shape fixed by its capacity: RoPE comes from a table of every slot's angles, the token and
+position are device tensors filled before each replay, and attention reads the slots up to the
+position (`kernels/triton_decode.py`; without Triton, torch ops cover all slots and mask the
+ones the query does not see).
 """
 
 from __future__ import annotations
@@ -28,19 +29,12 @@ class GraphedStep:
         self.device = device
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        slots = torch.arange(cache.capacity, device=device)
-        cos, sin = model.rotary.cos_sin(slots[None])
-        cos_table, sin_table = cos[0], sin[0]  # [capacity, head_dim]
-        window = model.cfg.sliding_window
+        cos, sin = model.rotary.cos_sin(torch.arange(cache.capacity, device=device)[None])
+        cos_table, sin_table = cos[0].contiguous(), sin[0].contiguous()  # [capacity, head_dim]
         keys, values = list(cache.keys), list(cache.values)  # the tensors, not the cache: no cycle
 
         def step() -> torch.Tensor:
-            cos = cos_table.index_select(0, self.position)[None]
-            sin = sin_table.index_select(0, self.position)[None]
-            visible = slots <= self.position
-            if window is not None:
-                visible &= slots > self.position - window
-            return model.decode_in_place(self.token, self.position, cos, sin, visible, keys, values)
+            return model.decode_in_place(self.token, self.position, cos_table, sin_table, keys, values)
 
         self._step = step
         self.graph: torch.cuda.CUDAGraph | None = None

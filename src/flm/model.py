@@ -18,7 +18,7 @@ from .cuda_graphs import graphed_step
 from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
-from .kernels import FusedLinear, Linear, make_linear
+from .kernels import FusedLinear, Linear, make_linear, triton_decode
 from .kernels.decode import build_decode_step
 from .quant import FLOAT_DTYPES, DType, Quantized
 from .rope import Rotary, apply_rotary
@@ -43,6 +43,10 @@ class Layer:
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+# attention(i, layer, normalized states [batch, seq, hidden]) -> [batch, seq, heads * head_dim]
+Attention = Callable[[int, Layer, torch.Tensor], torch.Tensor]
 
 
 class KVCache:
@@ -130,6 +134,8 @@ class Transformer:
         self.decode_step = build_decode_step(cfg, layers, norm, lm_head, embed)
         # on a GPU, one-sequence decode steps replay a CUDA graph (FLM_CUDA_GRAPHS=0: eager)
         self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
+        # ... whose attention is two Triton kernels per layer where the linears are Triton's too
+        self.fused_attention = triton_decode.applies(torch.device(device))
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -226,39 +232,64 @@ class Transformer:
             return _attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], start, groups,
                               cfg.sliding_window)
 
-        x = self._layers(x, cos, sin, attend)
+        x = self._layers(x, self._rotated_attention(cos, sin, attend))
         cache.length = end
         if last_only:
             x = x[:, -1:]
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
 
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Every layer on hidden states x [batch, seq, hidden]; `attend(i, q, k, v)` stores layer
-        i's new keys and values where its caller keeps them and returns attention [batch, heads, seq, dim]."""
-        cfg = self.cfg
-        batch, seq, _ = x.shape
+    def _layers(self, x: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Every layer on hidden states x [batch, seq, hidden]; `attention(i, layer, h)` turns layer
+        i's normalized states into its attention output [batch, seq, heads * head_dim], keeping the
+        new keys and values where its caller does."""
+        eps = self.cfg.rms_norm_eps
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attention_inputs(rms_norm(x, layer.input_norm, cfg.rms_norm_eps), cfg)
-            attn = attend(i, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
-            x = x + layer.o(attn.transpose(1, 2).reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim))
-            x = x + layer.mlp(rms_norm(x, layer.post_norm, cfg.rms_norm_eps))
+            x = x + layer.o(attention(i, layer, rms_norm(x, layer.input_norm, eps)))
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, eps))
         return x
 
-    def decode_in_place(self, token: torch.Tensor, position: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        visible: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """One token of one sequence with every shape fixed by the cache's capacity and every input
-        a tensor where the model lies (what a CUDA graph records): token [1, 1], position [1],
-        cos/sin [1, 1, head_dim], `visible` [capacity] the cache slots the query sees. Writes the
-        token's keys and values at `position`; returns logits [1, 1, vocab]."""
+    def _rotated_attention(self, cos: torch.Tensor, sin: torch.Tensor,
+                           attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Attention:
+        """The attention of _layers in torch ops: q, k, v, RoPE with cos/sin, then `attend(i, q, k,
+        v)`, which stores layer i's new keys and values and returns attention [batch, heads, seq, dim]."""
         cfg = self.cfg
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys[i].index_copy_(2, position, k)
-            values[i].index_copy_(2, position, v)
-            return _single_query_attention(q, keys[i], values[i], visible=visible)
+        def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+            batch, seq, _ = h.shape
+            q, k, v = layer.attention_inputs(h, cfg)
+            attn = attend(i, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+            return attn.transpose(1, 2).reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
 
-        x = self._layers(self.embed(token), cos, sin, attend)
+        return attention
+
+    def decode_in_place(self, token: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
+                        sin_table: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """One token of one sequence with every shape fixed by the cache's capacity and every input
+        a tensor where the model lies (what a CUDA graph records): token [1, 1], position [1],
+        cos/sin tables [capacity, head_dim] of every slot's angles. Writes the token's keys and
+        values at `position`; returns logits [1, 1, vocab]. With `fused_attention`, two Triton
+        kernels per layer (triton_decode); else torch ops over the whole cache, the slots the
+        query does not see masked."""
+        cfg = self.cfg
+        if self.fused_attention:
+            def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+                q = triton_decode.rotary_store(layer.qkv(h), cos_table, sin_table, position, keys[i], values[i],
+                                               cfg.num_attention_heads)
+                return triton_decode.decode_attention(q, keys[i], values[i], position, cfg.sliding_window).view(1, 1, -1)
+        else:
+            slots = torch.arange(keys[0].shape[2], device=position.device)
+            visible = slots <= position
+            if cfg.sliding_window is not None:
+                visible &= slots > position - cfg.sliding_window
+
+            def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                keys[i].index_copy_(2, position, k)
+                values[i].index_copy_(2, position, v)
+                return _single_query_attention(q, keys[i], values[i], visible=visible)
+
+            attention = self._rotated_attention(cos_table.index_select(0, position)[None],
+                                                sin_table.index_select(0, position)[None], attend)
+        x = self._layers(self.embed(token), attention)
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
 
     @torch.inference_mode()
@@ -280,7 +311,8 @@ class Transformer:
         cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
         cos, sin = torch.cat(cos), torch.cat(sin)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        x = self._layers(x, cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window))
+        x = self._layers(x, self._rotated_attention(
+            cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window)))
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
