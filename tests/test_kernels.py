@@ -56,6 +56,24 @@ def test_native_linear_equals_reference(name, rows):
 
 
 @needs_native
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("in_features", [416, 1152])
+def test_one_input_row_reads_short_rows_in_order_and_long_ones_in_tiles(name, in_features):
+    """One x row against 16-bit or int8 rows of up to 1024 elements (linear_simd.cpp's
+    IN_ORDER_MAX_K) walks the weights row after row with eight sums along each (416 leaves a
+    tail shorter than eight vectors); longer rows go through the eight-row tiles."""
+    torch.manual_seed(in_features)
+    w = torch.randn(45, in_features) * 0.05
+    weight, dense = _weights(name, w)
+    lin = make_linear(weight, (45, in_features))
+    assert isinstance(lin, NativeLinear)
+    x = torch.randn(1, in_features) * 3
+    expected = x.double() @ dense.double().T
+    got = lin(x)
+    assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+@needs_native
 @pytest.mark.parametrize("name", ["float16", *QUANTIZED])
 def test_blocked_kernel_sums_spans_of_k(name):
     """Past 8 x rows the kernel walks K in spans of 2048 (KC) and carries each output's raw sum
