@@ -227,9 +227,10 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     }
 }
 
-// Rows [begin, end) of W against a few x rows (decode, batched decode): eight (int4: four)
-// weight rows at a time for a single x row, two for batches, whose x rows then share each weight
-// load; each weight tile is read from memory once and from L1 for the further x rows.
+// Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over short
+// float-kind rows in order (rows_in_order); else eight (int4: four) weight rows at a time for a
+// single x row, two for batches, whose x rows then share each weight load; each weight tile is
+// read from memory once and from L1 for the further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
