@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -242,12 +243,6 @@ def measure_all(args: argparse.Namespace, src: Path, flm_files: dict[str, Path],
     return rows
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def median_result(results: list) -> dict | None:
     """Each figure's median over the runs that finished (None when none did)."""
     done = [r for r in results if r]
@@ -286,6 +281,7 @@ def report(rows: list, bandwidth: float, gpu: bool, rounds: int) -> None:
                 if rounds > 1:
                     line += f" ({min(ratios):.2f}-{max(ratios):.2f})"
             print(line)
+
 
 if __name__ == "__main__":
     main()

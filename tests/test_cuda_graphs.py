@@ -35,7 +35,7 @@ def _steps(model, steps: int, fixed_shape: bool, capacity: int = 32, initial: in
     the graph's step function called directly, as the warm-up before recording runs it."""
     cache = model.new_cache(1, capacity, initial=initial)
     token = int(model.forward(torch.tensor([PROMPT]), cache)[0, -1].argmax())
-    graphed = GraphedStep(model, cache) if fixed_shape else None
+    graphed = GraphedStep(model, cache, model.rotary.tables(cache.capacity, cache.keys[0].device)) if fixed_shape else None
     out = []
     with torch.inference_mode():
         for _ in range(steps):

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 class GraphedStep:
     """Decode steps of one sequence over one cache's storage (batch 1)."""
 
-    def __init__(self, model: Transformer, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache, tables: tuple[torch.Tensor, torch.Tensor]):
+        """`tables`: the model's rotary cos and sin [rows >= capacity, head_dim] (Rotary.tables)."""
         device = cache.keys[0].device
         self.device = device
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        cos, sin = model.rotary.cos_sin(torch.arange(cache.capacity, device=device)[None])
-        cos_table, sin_table = cos[0].contiguous(), sin[0].contiguous()  # [capacity, head_dim]
+        cos_table, sin_table = tables
         keys, values = list(cache.keys), list(cache.values)  # the tensors, not the cache: no cycle
 
         def step() -> torch.Tensor:
@@ -69,9 +69,9 @@ def graphed_step(model: Transformer, cache: KVCache) -> GraphedStep | None:
     length (its angles depend on the sequence length, not only on the position)."""
     if not model.cuda_graphs or model.embed.device.type != "cuda" or cache.keys[0].shape[0] != 1:
         return None
-    cfg = model.cfg
-    if cfg.rope_scaling.kind == "dynamic" and cache.capacity > cfg.max_position_embeddings:
-        return None
     if cache.graph_step is None:
-        cache.graph_step = GraphedStep(model, cache)
+        tables = model.rotary.tables(cache.capacity, cache.keys[0].device)
+        if tables is None:  # dynamic NTK past the trained length
+            return None
+        cache.graph_step = GraphedStep(model, cache, tables)
     return cache.graph_step

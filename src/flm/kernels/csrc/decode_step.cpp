@@ -104,6 +104,7 @@ class Decoder {
     void set_embedding(torch::Tensor rows, int64_t kind) {
         const int64_t size = kind == 4 ? 4 : 2;
         TORCH_CHECK(kind == 0 || kind == 1 || kind == 4, "embedding rows must be bf16, fp16 or float32");
+        TORCH_CHECK(hidden_ % W == 0, "the hidden size must be a multiple of ", W, " (whole vectors)");
         TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.size(1) * rows.element_size() == hidden_ * size,
                     "embedding rows must be contiguous [vocab, hidden] of their kind");
         embed_ = rows;
@@ -166,20 +167,7 @@ class Decoder {
   private:
     void embedding_row(int64_t token, float *out) const {
         const uint8_t *row = (const uint8_t *)embed_.data_ptr() + token * embed_.size(1) * embed_.element_size();
-        for (int64_t i = 0; i < hidden_; ++i) {
-            if (embed_kind_ == 4) {
-                std::memcpy(out + i, row + 4 * i, 4);
-                continue;
-            }
-            uint16_t half;
-            std::memcpy(&half, row + 2 * i, 2);
-            if (embed_kind_ == 1) {
-                out[i] = _cvtsh_ss(half);
-            } else {
-                const uint32_t bits = (uint32_t)half << 16;
-                std::memcpy(out + i, &bits, 4);
-            }
-        }
+        for (int64_t i = 0; i < hidden_; i += W) vstore(out + i, load_stored(embed_kind_, row, i));
     }
 
     void run_layers(torch::Tensor x, const std::vector<torch::Tensor> &keys, const std::vector<torch::Tensor> &values,

@@ -67,24 +67,13 @@ inline vec widen_i32(__m256i v) {
 inline vec load_w(const Params &p, int64_t n, int64_t k) {
     const uint8_t *row = p.w + n * p.row_bytes;
     switch (p.kind) {
-    case 0: return load_bf16(row + 2 * k);
-    case 1: return load_fp16(row + 2 * k);
-    case 4: return vload((const float *)row + k);
     case 2: return vfma(load_q8(row + k), vset(p.scale[n]), vset(p.shift[n]));
-    default: {
+    case 3: {
         int64_t g = n * p.groups_per_row + k / p.group;
         return vfma(load_u4(row + k / 2), vset(p.scale[g]), vset(p.shift[g]));
     }
+    default: return load_stored(p.kind, row, k);
     }
-}
-
-// W weights of a float-kind row (bf16, fp16, int8 codes as stored, float32) from column k.
-template <int KIND>
-inline vec load_row(const uint8_t *row, int64_t k) {
-    if constexpr (KIND == 0) return load_bf16(row + 2 * k);
-    else if constexpr (KIND == 1) return load_fp16(row + 2 * k);
-    else if constexpr (KIND == 4) return vload((const float *)row + k);
-    else return load_u8(row + k);
 }
 
 // An int8 row's sum of q * x (q as stored, 0..255) to its output: the 128 of q - 128 folded
@@ -156,7 +145,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
             if (PREFETCH && (k * BYTES) % 64 == 0)
                 for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k * BYTES, _MM_HINT_T0);
             vec wv[NR];
-            for (int r = 0; r < NR; ++r) wv[r] = load_row<KIND>(rows[r], k);
+            for (int r = 0; r < NR; ++r) wv[r] = load_stored(KIND, rows[r], k);
             for (int i = 0; i < MR; ++i) {  // each x vector loaded once, for all NR rows
                 const vec xv = vload(xm + i * k_in + k);
                 for (int r = 0; r < NR; ++r) acc[r][i] = vfma(wv[r], xv, acc[r][i]);
@@ -218,9 +207,9 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
             if constexpr (KIND == 0 || KIND == 1)
                 for (int64_t b = 0; b < CHAINS * W * 2; b += 64) _mm_prefetch((const char *)row + AHEAD + 2 * k + b, _MM_HINT_T0);
-            for (int c = 0; c < CHAINS; ++c) acc[c] = vfma(load_row<KIND>(row, k + c * W), vload(xs.x + k + c * W), acc[c]);
+            for (int c = 0; c < CHAINS; ++c) acc[c] = vfma(load_stored(KIND, row, k + c * W), vload(xs.x + k + c * W), acc[c]);
         }
-        for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_row<KIND>(row, k), vload(xs.x + k), acc[c]);
+        for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
         for (int c = 1; c < CHAINS; ++c) acc[0] = vadd(acc[0], acc[c]);
         const float y = vsum(acc[0]);
         ys[n] = KIND == 2 ? int8_output(p, n, y, xs.sums[0]) : y;

@@ -92,6 +92,17 @@ inline void load_u4_half(const uint8_t *p, int h, vec &even, vec &odd) {
 }
 #endif
 
+// W weights of a row stored as `kind` (the kernels' codes: 0 bf16, 1 fp16, 4 float32; 2 int8
+// codes as stored, 0..255), from element k, as float32.
+inline vec load_stored(int kind, const uint8_t *row, int64_t k) {
+    switch (kind) {
+    case 0: return load_bf16(row + 2 * k);
+    case 1: return load_fp16(row + 2 * k);
+    case 4: return vload((const float *)row + k);
+    default: return load_u8(row + k);
+    }
+}
+
 // sum(a[i] * b[i]) for any n (vector body, scalar tail)
 inline float dot(const float *a, const float *b, int64_t n) {
     vec acc = vzero();
