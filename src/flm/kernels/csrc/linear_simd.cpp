@@ -181,15 +181,21 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
     }
 }
 
-// One x row against rows [begin, end) of W with rows of up to IN_ORDER_MAX_K elements, one
-// weight row after the other with eight accumulators along it: the weights are read in memory
-// order, a single stream. The tiles below read eight rows side by side, eight streams that are
-// each too short (a SmolLM2 row of 576 float16 is 18 cache lines) for the hardware prefetcher.
+// One x row against rows [begin, end) of W, one weight row after the other with eight
+// accumulators along it: the weights are read in memory order, a single stream. The tiles below
+// read eight rows side by side, eight streams that are each too short (a SmolLM2 row of 576
+// float16 is 18 cache lines) for the hardware prefetcher.
 // 2 threads, AVX2, one x row, weights from memory, GB/s tiles -> in order: float16 576x576
 // 13.9-17.2 -> 16.3-19.5, 3072x576 16.3-20.1 -> 20.0-22.1, 2048x768 20.0-20.7 -> 20.7-22.7;
 // int8 576x576 9.2-9.8 -> 11.4-12.9, 3072x576 10.7 -> 16.4-17.1, 2048x1024 11.5-14.2 ->
-// 15.6-19.3; with 1536 and more columns the tiles were as fast or faster.
-constexpr int64_t IN_ORDER_MAX_K = 1024;
+// 15.6-19.3; with 1536 and more columns the tiles were as fast or faster in that bench, whose
+// layers partly stay in cache. In the 1.1B model (rows of 2048 and 5632), decode, old/new
+// trees alternating, rows of any length in order: int8 medians 16.6 -> 15.7 tok/s, but float16
+// 11.1 -> 12.1, 9.7 -> 10.2 and 12.05 -> 12.15 (three sets of 4-6 rounds), bfloat16 10.0 ->
+// 10.5 and 11.65 -> 12.35; SmolLM2 float16 (its 1536-column rows now in order too) 80.9 vs 80.8
+// over 8 rounds. So 16-bit rows go in order at any length; int8 (and float32) up to 1024.
+template <int KIND>
+constexpr int64_t in_order_max_k = KIND == 0 || KIND == 1 ? INT64_MAX : 1024;
 
 template <int KIND>
 void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
@@ -270,9 +276,9 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     }
 }
 
-// Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over short
-// float-kind rows in order (rows_in_order); else eight (int4: four, int4_tile_one_x) weight rows
-// at a time for a single x row, two for batches, whose x rows then share each weight load; each
+// Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit
+// rows or short int8/float32 rows in order (rows_in_order); else eight (int4: four,
+// int4_tile_one_x) weight rows at a time for a single x row, two for batches, whose x rows then share each weight load; each
 // weight tile is read from memory once and from L1 for the further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
@@ -281,7 +287,7 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
     auto all_rows = [&](auto nr, int64_t n) {
         for (int64_t m0 = 0; m0 < M; m0 += MB) tile_rows<KIND, decltype(nr)::value, true>(p, n, m0, M, xs, k_in, all, ys, n_out);
     };
-    if (M == 1 && !is_int4<KIND> && k_in <= IN_ORDER_MAX_K) {
+    if (M == 1 && !is_int4<KIND> && k_in <= in_order_max_k<KIND>) {
         rows_in_order<KIND>(p, begin, end, xs, k_in, ys);
         return;
     }
