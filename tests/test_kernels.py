@@ -16,6 +16,8 @@ QUANTIZED = {"int8": (DType.INT8, 128), "int4": (DType.INT4_NOZERO, 128), "int4g
 
 
 def _weights(name: str, w: torch.Tensor):
+    if name == "float32":
+        return w, w
     if name == "bfloat16":
         return w.to(torch.bfloat16), w.to(torch.bfloat16).float()
     if name == "float16":
@@ -56,13 +58,13 @@ def test_native_linear_equals_reference(name, rows):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "int8", "float32"])
 @pytest.mark.parametrize("in_features", [416, 1152, 2080])
 def test_one_input_row_reads_rows_in_order_or_in_tiles(name, in_features):
-    """One x row against 16-bit rows of any length, or int8 rows of up to 1024 elements
-    (linear_simd.cpp's in_order_max_k), walks the weights row after row with eight sums along
-    each (416 and 2080 leave tails shorter than eight vectors); longer int8 rows go through the
-    eight-row tiles."""
+    """One x row against 16-bit or int8 rows of any length, or float32 rows of up to 1024
+    elements (linear_simd.cpp's in_order_max_k), walks the weights row after row with eight sums
+    along each (416 and 2080 leave tails shorter than eight vectors); longer float32 rows go
+    through the eight-row tiles."""
     torch.manual_seed(in_features)
     w = torch.randn(45, in_features) * 0.05
     weight, dense = _weights(name, w)

@@ -190,29 +190,34 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 // int8 576x576 9.2-9.8 -> 11.4-12.9, 3072x576 10.7 -> 16.4-17.1, 2048x1024 11.5-14.2 ->
 // 15.6-19.3; with 1536 and more columns the tiles were as fast or faster in that bench, whose
 // layers partly stay in cache. In the 1.1B model (rows of 2048 and 5632), decode, old/new
-// trees alternating, rows of any length in order: int8 medians 16.6 -> 15.7 tok/s, but float16
-// 11.1 -> 12.1, 9.7 -> 10.2 and 12.05 -> 12.15 (three sets of 4-6 rounds), bfloat16 10.0 ->
-// 10.5 and 11.65 -> 12.35; SmolLM2 float16 (its 1536-column rows now in order too) 80.9 vs 80.8
-// over 8 rounds. So 16-bit rows go in order at any length; int8 (and float32) up to 1024.
+// trees alternating, rows of any length in order: float16 medians 11.1 -> 12.1, 9.7 -> 10.2 and
+// 12.05 -> 12.15 tok/s (three sets of 4-6 rounds), bfloat16 10.0 -> 10.5 and 11.65 -> 12.35;
+// SmolLM2 float16 (its 1536-column rows now in order too) 80.9 vs 80.8 over 8 rounds. int8 in
+// order at any length lost (16.6 -> 15.7) until its rows also fetched 1 KB ahead: then 1.1B int8
+// 18.35 -> 21.0 and 18.65 -> 20.4, SmolLM2 int8 100.6 -> 114.5 (medians of 4-6 rounds).
+// float32 rows keep the tiles past 1024 columns (not measured since).
 template <int KIND>
-constexpr int64_t in_order_max_k = KIND == 0 || KIND == 1 ? INT64_MAX : 1024;
+constexpr int64_t in_order_max_k = KIND == 4 ? 1024 : INT64_MAX;
 
 template <int KIND>
 void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
     constexpr int CHAINS = 8;  // independent sums: FMA latency stays hidden
-    // 16-bit rows also fetch 1 KB ahead, a cache line per 64 bytes read: float16 GB/s without ->
-    // with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 -> 14.2-17.4; SmolLM2
-    // float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s (faster in 8). int8
-    // rows gained nothing (9.0-13.2 -> 9.4-14.3 at 576x576) and do without.
+    // 16-bit and int8 rows also fetch 1 KB ahead, a cache line per 64 bytes read: float16 GB/s
+    // without -> with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 ->
+    // 14.2-17.4; SmolLM2 float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s
+    // (faster in 8). int8 gained nothing at 576x576 in the kernel bench (9.0-13.2 -> 9.4-14.3)
+    // but in the models, with its long rows in order too (above).
     constexpr int64_t AHEAD = 1024;
+    constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight, where prefetched
     for (int64_t n = begin; n < end; ++n) {
         const uint8_t *row = p.w + n * p.row_bytes;
         vec acc[CHAINS];
         for (int c = 0; c < CHAINS; ++c) acc[c] = vzero();
         int64_t k = 0;
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
-            if constexpr (KIND == 0 || KIND == 1)
-                for (int64_t b = 0; b < CHAINS * W * 2; b += 64) _mm_prefetch((const char *)row + AHEAD + 2 * k + b, _MM_HINT_T0);
+            if constexpr (KIND != 4)
+                for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
+                    _mm_prefetch((const char *)row + AHEAD + BYTES * k + b, _MM_HINT_T0);
             for (int c = 0; c < CHAINS; ++c) acc[c] = vfma(load_stored(KIND, row, k + c * W), vload(xs.x + k + c * W), acc[c]);
         }
         for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
@@ -277,7 +282,7 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 }
 
 // Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit
-// rows or short int8/float32 rows in order (rows_in_order); else eight (int4: four,
+// or int8 rows, or float32 rows up to 1024 columns, in order (rows_in_order); else eight (int4: four,
 // int4_tile_one_x) weight rows at a time for a single x row, two for batches, whose x rows then share each weight load; each
 // weight tile is read from memory once and from L1 for the further x rows.
 template <int KIND>
