@@ -282,10 +282,59 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     }
 }
 
+// NR int4 rows against MR x rows (batched decode): int4_tile_one_x's blocks with MR x rows.
+// The NR x MR float sums stay in memory between blocks (the empty asm below keeps them there):
+// the int32 sums and the unpacked codes need every vector register, and the general tile,
+// holding both sets in registers, spilled its int32 sums on every 32 codes (perf). 1.1B shapes,
+// 8 x rows, 2 threads, G multiply-adds/s, old/new alternating: int4 48-56 -> 60-72, int4g128
+// 41-55 -> 53-71, int4g32 26-32 -> 39-49.
+template <int KIND, int NR, int MR>
+inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
+    const int64_t group = KIND == 5 ? 32 : p.group, groups = p.groups_per_row;
+    const int64_t block = KIND == 5 ? 32 : std::min<int64_t>(group, 4096);
+    const __m256i low = _mm256_set1_epi16(0xF);
+    const uint8_t *rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
+    alignas(64) float acc[NR][MR][W];
+    for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < MR; ++i) vstore(acc[r][i], vzero());
+    const int64_t ahead = NR * p.row_bytes;
+    const int64_t groups_per_block = block == group ? 1 : 0;
+    for (int64_t b = 0, g = 0; b < k_in; b += block, g += groups_per_block) {
+        const int64_t stop = KIND == 5 ? b + 32 : std::min(b + block, k_in);
+        __m256i part[NR][MR];
+        for (int r = 0; r < NR; ++r)
+            for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
+        for (int64_t k = b; k < stop; k += 32) {
+            if ((k / 2) % 64 == 0)
+                for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
+            for (int r = 0; r < NR; ++r) {
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
+                const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
+                for (int i = 0; i < MR; ++i) {
+                    const int16_t *xb = in.xq + i * k_in + k;
+                    part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)xb)));
+                    part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+                }
+            }
+        }
+        __asm__ volatile("" : : "r"(&acc[0][0][0]) : "memory");
+        for (int r = 0; r < NR; ++r) {
+            const vec s = vset(p.scale[(n + r) * groups + g]);
+            for (int i = 0; i < MR; ++i) vstore(acc[r][i], vfma(widen_i32(part[r][i]), s, vload(acc[r][i])));
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < MR; ++i)
+            out[i * n_out + r] = vsum(vload(acc[r][i])) * in.xscale[i] +
+                                 dot(p.shift + (n + r) * groups, in.sums + i * groups, groups);
+}
+
 // Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit
-// or int8 rows, or float32 rows up to 1024 columns, in order (rows_in_order); else eight (int4: four,
-// int4_tile_one_x) weight rows at a time for a single x row, two for batches, whose x rows then share each weight load; each
-// weight tile is read from memory once and from L1 for the further x rows.
+// or int8 rows, or float32 rows up to 1024 columns, in order (rows_in_order); else eight weight
+// rows at a time for a single x row (int4: four, int4_tile_one_x), two for batches (int4:
+// int4_tile_few_x), whose x rows then share each weight load; each weight tile is read from
+// memory once and from L1 for the further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
@@ -304,6 +353,22 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
             for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
             return;
         }
+        // each pair of weight rows meets every MB-row tile of x while it is in L1
+        auto pass = [&](auto nr, int64_t r) {
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                const Input xm = xs.from(m0, k_in);
+                float *out = ys + m0 * n_out + r;
+                switch (std::min<int64_t>(MB, M - m0)) {
+                case 1: int4_tile_few_x<KIND, decltype(nr)::value, 1>(p, r, xm, k_in, out, n_out); break;
+                case 2: int4_tile_few_x<KIND, decltype(nr)::value, 2>(p, r, xm, k_in, out, n_out); break;
+                case 3: int4_tile_few_x<KIND, decltype(nr)::value, 3>(p, r, xm, k_in, out, n_out); break;
+                default: int4_tile_few_x<KIND, decltype(nr)::value, MB>(p, r, xm, k_in, out, n_out);
+                }
+            }
+        };
+        for (; n + 2 <= end; n += 2) pass(std::integral_constant<int, 2>{}, n);
+        for (; n < end; ++n) pass(std::integral_constant<int, 1>{}, n);
+        return;
     }
     if (M == 1) {  // eight accumulators
         for (; n + 8 <= end; n += 8) all_rows(std::integral_constant<int, 8>{}, n);
