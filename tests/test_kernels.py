@@ -101,6 +101,25 @@ def test_blocked_kernel_sums_spans_of_k(name):
 
 
 @needs_native
+@pytest.mark.parametrize("name", ["int4", "int4g32", "int4g128"])
+def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name):
+    """A served batch decodes its sequences together (2-8 x rows: int4_tile_few_x) while a
+    request alone takes the one-row tile (int4_tile_one_x): both sum in one order, so greedy
+    answers cannot depend on who else is being served. 8320 columns: per-row int4 sums two
+    4096-blocks and a tail; 65 groups of 128 leave a tail after eight-group vectors."""
+    torch.manual_seed(11)
+    in_features = 8320
+    w = torch.randn(37, in_features) * 0.05
+    weight, _ = _weights(name, w)
+    lin = make_linear(weight, (37, in_features))
+    assert isinstance(lin, NativeLinear)
+    x = torch.randn(8, in_features)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(8)])
+    for rows in (2, 3, 5, 8):
+        assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+
+
+@needs_native
 def test_int4_rows_longer_than_one_int32_chunk():
     """Per-row int4 sums a row in int32 chunks of 4096; a row of 5632 (the 1.1B model's down
     projection) ends inside its second chunk."""

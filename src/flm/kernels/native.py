@@ -66,7 +66,11 @@ def native():
 
     from ..builtin import cache_dir
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()[:10]
+    # -ffp-contract=off: the scalar ends of the tiles (y * scale + shift) round the same in every
+    # template instance, so a batch's rows equal each row computed alone bit for bit (int4)
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *cflags]
+    sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
+    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:10]  # a new build when either changes
     build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
@@ -74,7 +78,7 @@ def native():
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
-        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-fopenmp", *cflags],
+        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
         log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])

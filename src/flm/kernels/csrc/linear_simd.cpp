@@ -275,10 +275,10 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
         const vec xs = vload(in.sums + g);
         for (int r = 0; r < NR; ++r) shifted[r] = vfma(vload(p.shift + (n + r) * groups + g), xs, shifted[r]);
     }
-    for (int r = 0; r < NR; ++r) {
-        float y = vsum(acc[r]) * in.xscale[0] + vsum(shifted[r]);
-        for (int64_t t = g; t < groups; ++t) y += p.shift[(n + r) * groups + t] * in.sums[t];
-        out[r] = y;
+    for (int r = 0; r < NR; ++r) {  // summed in `dot`'s order: a batch's rows come out bit for bit the same
+        float shift = vsum(shifted[r]);
+        for (int64_t t = g; t < groups; ++t) shift += p.shift[(n + r) * groups + t] * in.sums[t];
+        out[r] = vsum(acc[r]) * in.xscale[0] + shift;
     }
 }
 
