@@ -135,6 +135,22 @@ def test_int4_rows_longer_than_one_int32_chunk():
         assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
 
 
+@needs_native
+def test_int4_groups_longer_than_one_int32_chunk():
+    """Groups of 8192 codes (a layout fastllm files may carry) are summed in int32 pieces of
+    4096 that never cross a group's end, each group with its own scale, for one x row and for
+    a batch."""
+    torch.manual_seed(5)
+    q = quantize(torch.randn(6, 16384) * 0.05, DType.INT4_GROUP, 8192)
+    lin = make_linear(q, (6, 16384))
+    assert isinstance(lin, NativeLinear)
+    x = torch.randn(3, 16384)
+    expected = round_input_int16(x).double() @ ReferenceLinear(q, (6, 16384), None).dense().double().T
+    for rows in (1, 3):
+        got = lin(x[:rows]).double()
+        assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
+
+
 def test_int4_input_rounds_each_row_to_16_bits():
     x = torch.randn(3, 256)
     x[1] = 0.0

@@ -228,9 +228,25 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     }
 }
 
-// One x row against NR int4 rows (decode): block after block of each row (a group, or 4096
-// codes of a longer one, so that the int32 sums stay below 2^31), the codes times xq summed in
-// int32 and scaled into float32 once per block; then each row's shift term over the groups,
+// for_int4_blocks calls body(c, stop, g) for the blocks of a row's columns that one int32 sum
+// covers: a whole group (the usual 32-128 codes), or pieces of at most 4096 codes of a longer
+// group (the sums stay below 2^31), never across a group's end.
+template <int KIND, typename Body>
+inline void for_int4_blocks(const Params &p, int64_t k_in, Body &&body) {
+    if constexpr (KIND == 5) {  // groups of 32 known at compile time: one block per group
+        for (int64_t c = 0; c < k_in; c += 32) body(c, c + 32, c / 32);
+    } else if (p.group <= 4096) {
+        for (int64_t c = 0, g = 0; c < k_in; c += p.group, ++g) body(c, std::min(c + p.group, k_in), g);
+    } else {
+        for (int64_t g = 0; g * p.group < k_in; ++g) {
+            const int64_t g_end = std::min((g + 1) * p.group, k_in);
+            for (int64_t c = g * p.group; c < g_end; c += 4096) body(c, std::min(c + 4096, g_end), g);
+        }
+    }
+}
+
+// One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
+// codes times xq summed in int32 and scaled into float32 once per block; then each row's shift term over the groups,
 // the NR rows' dot products side by side. `tile`, general over spans of columns and x rows,
 // ran 32-element groups at about half this speed (perf: its per-group loop control, and 6% of
 // the time in each row's shift dot product, one dependency chain). 1.1B shapes, one x row,
@@ -238,8 +254,7 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
 // 98-105 -> 127-149 tok/s. Groups of 128 and per-row int4 moved within this VM's noise.
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
-    const int64_t group = KIND == 5 ? 32 : p.group, groups = p.groups_per_row;
-    const int64_t block = KIND == 5 ? 32 : std::min<int64_t>(group, 4096);
+    const int64_t groups = p.groups_per_row;
     const __m256i low = _mm256_set1_epi16(0xF);
     const uint8_t *rows[NR];
     const float *scales[NR];
@@ -250,9 +265,7 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
         acc[r] = vzero();
     }
     const int64_t ahead = NR * p.row_bytes;  // the next tile's rows, a cache line at a time
-    const int64_t groups_per_block = block == group ? 1 : 0;  // a longer row is one group of 4096-blocks
-    for (int64_t b = 0, g = 0; b < k_in; b += block, g += groups_per_block) {
-        const int64_t stop = KIND == 5 ? b + 32 : std::min(b + block, k_in);
+    for_int4_blocks<KIND>(p, k_in, [&](int64_t b, int64_t stop, int64_t g) {
         __m256i part[NR];
         for (int r = 0; r < NR; ++r) part[r] = _mm256_setzero_si256();
         for (int64_t k = b; k < stop; k += 32) {
@@ -267,7 +280,7 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
             }
         }
         for (int r = 0; r < NR; ++r) acc[r] = vfma(widen_i32(part[r]), vset(scales[r][g]), acc[r]);
-    }
+    });
     vec shifted[NR];
     for (int r = 0; r < NR; ++r) shifted[r] = vzero();
     int64_t g = 0;
@@ -290,8 +303,7 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 // 41-55 -> 53-71, int4g32 26-32 -> 39-49.
 template <int KIND, int NR, int MR>
 inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
-    const int64_t group = KIND == 5 ? 32 : p.group, groups = p.groups_per_row;
-    const int64_t block = KIND == 5 ? 32 : std::min<int64_t>(group, 4096);
+    const int64_t groups = p.groups_per_row;
     const __m256i low = _mm256_set1_epi16(0xF);
     const uint8_t *rows[NR];
     for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
@@ -299,9 +311,7 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i) vstore(acc[r][i], vzero());
     const int64_t ahead = NR * p.row_bytes;
-    const int64_t groups_per_block = block == group ? 1 : 0;
-    for (int64_t b = 0, g = 0; b < k_in; b += block, g += groups_per_block) {
-        const int64_t stop = KIND == 5 ? b + 32 : std::min(b + block, k_in);
+    for_int4_blocks<KIND>(p, k_in, [&](int64_t b, int64_t stop, int64_t g) {
         __m256i part[NR][MR];
         for (int r = 0; r < NR; ++r)
             for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
@@ -323,7 +333,7 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
             const vec s = vset(p.scale[(n + r) * groups + g]);
             for (int i = 0; i < MR; ++i) vstore(acc[r][i], vfma(widen_i32(part[r][i]), s, vload(acc[r][i])));
         }
-    }
+    });
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i)
             out[i * n_out + r] = vsum(vload(acc[r][i])) * in.xscale[i] +
