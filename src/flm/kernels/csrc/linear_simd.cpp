@@ -246,12 +246,13 @@ inline void for_int4_blocks(const Params &p, int64_t k_in, Body &&body) {
 }
 
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
-// codes times xq summed in int32 and scaled into float32 once per block; then each row's shift term over the groups,
-// the NR rows' dot products side by side. `tile`, general over spans of columns and x rows,
-// ran 32-element groups at about half this speed (perf: its per-group loop control, and 6% of
-// the time in each row's shift dot product, one dependency chain). 1.1B shapes, one x row,
-// 2 threads, old/new alternating: int4g32 12.3-16.0 -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode
-// 98-105 -> 127-149 tok/s. Groups of 128 and per-row int4 moved within this VM's noise.
+// codes times xq summed in int32 and scaled into float32 once per block; then each row's shift
+// term over the groups, the NR rows' dot products side by side. `tile`, general over spans of
+// columns and x rows, ran 32-element groups at about half this speed (perf: its per-group loop
+// control, and 6% of the time in each row's shift dot product, one dependency chain). 1.1B
+// shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0 -> 19.9-24.9 GB/s;
+// SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of 128 and per-row int4 moved within
+// this VM's noise.
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
     const int64_t groups = p.groups_per_row;
