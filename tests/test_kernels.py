@@ -120,32 +120,19 @@ def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name):
 
 
 @needs_native
-def test_int4_rows_longer_than_one_int32_chunk():
-    """Per-row int4 sums a row in int32 chunks of 4096; a row of 5632 (the 1.1B model's down
-    projection) ends inside its second chunk."""
+@pytest.mark.parametrize("dtype, group, in_features", [(DType.INT4_NOZERO, 128, 5632), (DType.INT4_GROUP, 8192, 16384)])
+def test_int4_rows_longer_than_one_int32_chunk(dtype, group, in_features):
+    """int4 sums a row in int32 chunks of at most 4096 codes that never cross a group's end: a
+    per-row int4 row of 5632 (the 1.1B model's down projection) ends inside its second chunk;
+    groups of 8192 (a layout fastllm files may carry) each take two chunks and their own scale.
+    One x row and a batch."""
     torch.manual_seed(7)
-    w = torch.randn(24, 5632) * 0.05
-    q = quantize(w, DType.INT4_NOZERO, 128)
-    lin = make_linear(q, (24, 5632))
+    w = torch.randn(24, in_features) * 0.05
+    q = quantize(w, dtype, group)
+    lin = make_linear(q, (24, in_features))
     assert isinstance(lin, NativeLinear)
-    x = torch.randn(3, 5632)
-    expected = round_input_int16(x).double() @ ReferenceLinear(q, (24, 5632), None).dense().double().T
-    for rows in (1, 3):
-        got = lin(x[:rows]).double()
-        assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5
-
-
-@needs_native
-def test_int4_groups_longer_than_one_int32_chunk():
-    """Groups of 8192 codes (a layout fastllm files may carry) are summed in int32 pieces of
-    4096 that never cross a group's end, each group with its own scale, for one x row and for
-    a batch."""
-    torch.manual_seed(5)
-    q = quantize(torch.randn(6, 16384) * 0.05, DType.INT4_GROUP, 8192)
-    lin = make_linear(q, (6, 16384))
-    assert isinstance(lin, NativeLinear)
-    x = torch.randn(3, 16384)
-    expected = round_input_int16(x).double() @ ReferenceLinear(q, (6, 16384), None).dense().double().T
+    x = torch.randn(3, in_features)
+    expected = round_input_int16(x).double() @ ReferenceLinear(q, (24, in_features), None).dense().double().T
     for rows in (1, 3):
         got = lin(x[:rows]).double()
         assert float((got - expected[:rows]).abs().max()) <= 1e-5 * float(expected.abs().max()) + 1e-5

@@ -82,6 +82,29 @@ inline float int8_output(const Params &p, int64_t n, float y, float xsum) {
     return y * p.scale[n] + (p.shift[n] - 128.f * p.scale[n]) * xsum;
 }
 
+// The int32 sums of NR int4 rows against MR x rows over columns [c, stop) (multiples of 32),
+// added into part: codes times x rounded to 16 bits (xq), summed exactly (vpmaddwd: 16
+// multiply-adds per instruction). x's 32-blocks were reordered evens-then-odds
+// (`round_int4_input`): the high nibbles pair with the even elements.
+template <int NR, int MR, bool PREFETCH>
+inline void int4_block_sums(const uint8_t *const (&rows)[NR], int64_t ahead, const int16_t *xq, int64_t k_in,
+                            int64_t c, int64_t stop, __m256i (&part)[NR][MR]) {
+    const __m256i low = _mm256_set1_epi16(0xF);
+    for (int64_t k = c; k < stop; k += 32) {
+        if (PREFETCH && (k / 2) % 64 == 0)
+            for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
+        for (int r = 0; r < NR; ++r) {
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
+            const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
+            for (int i = 0; i < MR; ++i) {
+                const int16_t *xb = xq + i * k_in + k;
+                part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)xb)));
+                part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+            }
+        }
+    }
+}
+
 // One tile: NR weight rows from n against MR x rows, written to out[i * n_out + r]. Both are
 // compile-time so that the NR x MR accumulators live in registers; several independent ones
 // keep the FMA units busy even for a single x row (one would wait on FMA latency every step).
@@ -106,11 +129,9 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
     // (PREFETCH; not in rows_blocked, whose blocks are read from L2: there it cost ~15%).
     const int64_t ahead = NR * p.row_bytes;
     if constexpr (is_int4<KIND>) {
-        // x rounded to 16 bits (xq, scale xscale per row): codes times xq summed exactly in int32
-        // (vpmaddwd: 16 multiply-adds per instruction), then scaled per group in float32.
+        // int32 sums (int4_block_sums), then scaled per group in float32
         const int64_t groups = p.groups_per_row;
         const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
-        const __m256i low = _mm256_set1_epi16(0xF);
         for (int64_t g = ks.begin / group; g * group < ks.end; ++g) {
             vec s[NR];
             for (int r = 0; r < NR; ++r) s[r] = vset(p.scale[(n + r) * groups + g]);
@@ -119,22 +140,8 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
                 __m256i part[NR][MR];
                 for (int r = 0; r < NR; ++r)
                     for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-                const int64_t stop = std::min(c + chunk, g_end);  // a group need not be whole chunks
-                for (int64_t k = c; k < stop; k += 32) {
-                    if (PREFETCH && (k / 2) % 64 == 0)
-                        for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-                    for (int r = 0; r < NR; ++r) {
-                        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
-                        const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
-                        for (int i = 0; i < MR; ++i) {
-                            const int16_t *xb = in.xq + i * k_in + k;
-                            const __m256i xe = _mm256_loadu_si256((const __m256i *)xb);
-                            const __m256i xo = _mm256_loadu_si256((const __m256i *)(xb + 16));
-                            part[r][i] = _mm256_add_epi32(part[r][i], _mm256_add_epi32(_mm256_madd_epi16(even, xe),
-                                                                                      _mm256_madd_epi16(odd, xo)));
-                        }
-                    }
-                }
+                // a group need not be whole chunks
+                int4_block_sums<NR, MR, PREFETCH>(rows, ahead, in.xq, k_in, c, std::min(c + chunk, g_end), part);
                 for (int r = 0; r < NR; ++r)
                     for (int i = 0; i < MR; ++i) acc[r][i] = vfma(widen_i32(part[r][i]), s[r], acc[r][i]);
             }
@@ -305,7 +312,6 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 template <int KIND, int NR, int MR>
 inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
     const int64_t groups = p.groups_per_row;
-    const __m256i low = _mm256_set1_epi16(0xF);
     const uint8_t *rows[NR];
     for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
     alignas(64) float acc[NR][MR][W];
@@ -316,19 +322,7 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
         __m256i part[NR][MR];
         for (int r = 0; r < NR; ++r)
             for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-        for (int64_t k = b; k < stop; k += 32) {
-            if ((k / 2) % 64 == 0)
-                for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-            for (int r = 0; r < NR; ++r) {
-                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
-                const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
-                for (int i = 0; i < MR; ++i) {
-                    const int16_t *xb = in.xq + i * k_in + k;
-                    part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)xb)));
-                    part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xb + 16))));
-                }
-            }
-        }
+        int4_block_sums<NR, MR, true>(rows, ahead, in.xq, k_in, b, stop, part);
         __asm__ volatile("" : : "r"(&acc[0][0][0]) : "memory");
         for (int r = 0; r < NR; ++r) {
             const vec s = vset(p.scale[(n + r) * groups + g]);
@@ -349,14 +343,6 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
-    const Span all{0, k_in, false, true};
-    auto all_rows = [&](auto nr, int64_t n) {
-        for (int64_t m0 = 0; m0 < M; m0 += MB) tile_rows<KIND, decltype(nr)::value, true>(p, n, m0, M, xs, k_in, all, ys, n_out);
-    };
-    if (M == 1 && !is_int4<KIND> && k_in <= in_order_max_k<KIND>) {
-        rows_in_order<KIND>(p, begin, end, xs, k_in, ys);
-        return;
-    }
     int64_t n = begin;
     if constexpr (is_int4<KIND>) {
         if (M == 1) {
@@ -379,14 +365,22 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
         };
         for (; n + 2 <= end; n += 2) pass(std::integral_constant<int, 2>{}, n);
         for (; n < end; ++n) pass(std::integral_constant<int, 1>{}, n);
-        return;
+    } else {
+        if (M == 1 && k_in <= in_order_max_k<KIND>) {
+            rows_in_order<KIND>(p, begin, end, xs, k_in, ys);
+            return;
+        }
+        const Span all{0, k_in, false, true};
+        auto all_rows = [&](auto nr, int64_t r) {
+            for (int64_t m0 = 0; m0 < M; m0 += MB) tile_rows<KIND, decltype(nr)::value, true>(p, r, m0, M, xs, k_in, all, ys, n_out);
+        };
+        if (M == 1) {  // eight accumulators
+            for (; n + 8 <= end; n += 8) all_rows(std::integral_constant<int, 8>{}, n);
+            for (; n + 4 <= end; n += 4) all_rows(std::integral_constant<int, 4>{}, n);
+        }
+        for (; n + 2 <= end; n += 2) all_rows(std::integral_constant<int, 2>{}, n);
+        for (; n < end; ++n) all_rows(std::integral_constant<int, 1>{}, n);
     }
-    if (M == 1) {  // eight accumulators
-        for (; n + 8 <= end; n += 8) all_rows(std::integral_constant<int, 8>{}, n);
-        for (; n + 4 <= end; n += 4) all_rows(std::integral_constant<int, 4>{}, n);
-    }
-    for (; n + 2 <= end; n += 2) all_rows(std::integral_constant<int, 2>{}, n);
-    for (; n < end; ++n) all_rows(std::integral_constant<int, 1>{}, n);
 }
 
 // Weight rows [n0, n1) against every MB-row tile of x over the columns `ks`: NR rows per tile,
