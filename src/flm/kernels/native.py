@@ -22,6 +22,8 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("linear_simd.cpp", "decode_step.cpp", "bindings.cpp")]
 # Instruction sets, widest first: (name, /proc/cpuinfo flags it needs, compiler flags).
 ISAS = (
+    ("avx512vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
+     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]),
     ("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"),
      ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),

@@ -98,8 +98,8 @@ inline void int4_block_sums(const uint8_t *const (&rows)[NR], int64_t ahead, con
             const __m256i even = _mm256_srli_epi16(v, 4), odd = _mm256_and_si256(v, low);
             for (int i = 0; i < MR; ++i) {
                 const int16_t *xb = xq + i * k_in + k;
-                part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i *)xb)));
-                part[r][i] = _mm256_add_epi32(part[r][i], _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i *)(xb + 16))));
+                part[r][i] = dot_add_i16(part[r][i], even, _mm256_loadu_si256((const __m256i *)xb));
+                part[r][i] = dot_add_i16(part[r][i], odd, _mm256_loadu_si256((const __m256i *)(xb + 16)));
             }
         }
     }
@@ -204,12 +204,13 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 // 18.35 -> 21.0 and 18.65 -> 20.4, SmolLM2 int8 100.6 -> 114.5 (medians of 4-6 rounds).
 // float32 rows keep the tiles past 1024 columns and no prefetch: with both, SmolLM2 float32
 // decode went 43.1 -> 38.9 tok/s (medians of six alternating rounds).
-template <int KIND>
-constexpr int64_t in_order_max_k = KIND == 4 ? 1024 : INT64_MAX;
+inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != 4 || k_in <= 1024); }
 
 template <int KIND>
 void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
-    constexpr int CHAINS = 8;  // independent sums: FMA latency stays hidden
+    // independent sums, FMA latency hidden: 8 of AVX2's 8 lanes; 4 of AVX-512's 16 (with 8,
+    // Zen 4's float16 GB/s in SmolLM2 shapes were 14-17, with 4: 20-26, as its AVX2 build)
+    constexpr int CHAINS = 64 / W;
     // 16-bit and int8 rows also fetch 1 KB ahead, a cache line per 64 bytes read: float16 GB/s
     // without -> with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 ->
     // 14.2-17.4; SmolLM2 float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s
@@ -217,18 +218,32 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     // but in the models, with its long rows in order too (above).
     constexpr int64_t AHEAD = 1024;
     constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight, where prefetched
+    constexpr int STEP = KIND == 0 && FLM_BF16_PAIRS ? 2 : 1;  // chains per load
     for (int64_t n = begin; n < end; ++n) {
         const uint8_t *row = p.w + n * p.row_bytes;
         vec acc[CHAINS];
         for (int c = 0; c < CHAINS; ++c) acc[c] = vzero();
+        // chains c (and c + 1 for bf16 pairs) from column k: W weights, or bf16's 2 W in pairs
+        auto step = [&](int64_t k, int c) {
+#if FLM_BF16_PAIRS
+            if constexpr (KIND == 0) {
+                vec even, odd;
+                load_bf16_pairs(row + 2 * k, even, odd);
+                acc[c] = vfma(even, vload(xs.x + k), acc[c]);
+                acc[c + 1] = vfma(odd, vload(xs.x + k + W), acc[c + 1]);
+                return;
+            }
+#endif
+            acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
+        };
         int64_t k = 0;
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
             if constexpr (KIND != 4)
                 for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
                     _mm_prefetch((const char *)row + AHEAD + BYTES * k + b, _MM_HINT_T0);
-            for (int c = 0; c < CHAINS; ++c) acc[c] = vfma(load_stored(KIND, row, k + c * W), vload(xs.x + k + c * W), acc[c]);
+            for (int c = 0; c < CHAINS; c += STEP) step(k + c * W, c);
         }
-        for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
+        for (int c = 0; k < k_in; k += STEP * W, c += STEP) step(k, c);
         for (int c = 1; c < CHAINS; ++c) acc[0] = vadd(acc[0], acc[c]);
         const float y = vsum(acc[0]);
         ys[n] = KIND == 2 ? int8_output(p, n, y, xs.sums[0]) : y;
@@ -274,8 +289,8 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     }
     const int64_t ahead = NR * p.row_bytes;  // the next tile's rows, a cache line at a time
     for_int4_blocks<KIND>(p, k_in, [&](int64_t b, int64_t stop, int64_t g) {
-        __m256i part[NR];
-        for (int r = 0; r < NR; ++r) part[r] = _mm256_setzero_si256();
+        __m256i even[NR], odd[NR];  // two sums per row: with VNNI, two dependency chains
+        for (int r = 0; r < NR; ++r) even[r] = odd[r] = _mm256_setzero_si256();
         for (int64_t k = b; k < stop; k += 32) {
             if ((k / 2) % 64 == 0)
                 for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
@@ -283,11 +298,12 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
             const __m256i xo = _mm256_loadu_si256((const __m256i *)(in.xq + k + 16));
             for (int r = 0; r < NR; ++r) {
                 const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
-                part[r] = _mm256_add_epi32(part[r], _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(v, 4), xe),
-                                                                     _mm256_madd_epi16(_mm256_and_si256(v, low), xo)));
+                even[r] = dot_add_i16(even[r], _mm256_srli_epi16(v, 4), xe);
+                odd[r] = dot_add_i16(odd[r], _mm256_and_si256(v, low), xo);
             }
         }
-        for (int r = 0; r < NR; ++r) acc[r] = vfma(widen_i32(part[r]), vset(scales[r][g]), acc[r]);
+        for (int r = 0; r < NR; ++r)
+            acc[r] = vfma(widen_i32(_mm256_add_epi32(even[r], odd[r])), vset(scales[r][g]), acc[r]);
     });
     vec shifted[NR];
     for (int r = 0; r < NR; ++r) shifted[r] = vzero();
@@ -366,7 +382,7 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
         for (; n + 2 <= end; n += 2) pass(std::integral_constant<int, 2>{}, n);
         for (; n < end; ++n) pass(std::integral_constant<int, 1>{}, n);
     } else {
-        if (M == 1 && k_in <= in_order_max_k<KIND>) {
+        if (reads_in_order(KIND, M, k_in)) {
             rows_in_order<KIND>(p, begin, end, xs, k_in, ys);
             return;
         }
@@ -515,22 +531,32 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
     const bool widen = kind == 3 && M > BLOCKED_ABOVE && M >= ps[0].group;
     // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in
-    // order); quantized kinds need sum(x) per group (int8: per row) for the shift term. Scratch
-    // reused across calls: the decode step calls this per layer.
-    thread_local std::vector<float> sums, xscale, rounded;
+    // order; one bf16 row: reordered, xf); quantized kinds need sum(x) per group (int8: per row)
+    // for the shift term. Scratch reused across calls: the decode step calls this per layer.
+    thread_local std::vector<float> sums, xscale, xf;
     thread_local std::vector<int16_t> xq;
     const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
     sums.resize(M * sum_stride);
     Input xs{x, nullptr, nullptr, sums.data(), sum_stride};
     if (widen) {
-        rounded.resize(M * k_in);
-        round_input_float(x, M, k_in, rounded.data());
-        xs.x = rounded.data();
+        xf.resize(M * k_in);
+        round_input_float(x, M, k_in, xf.data());
+        xs.x = xf.data();
     } else if (kind == 3) {
         xq.resize(M * k_in);
         xscale.resize(M);
         round_int4_input(x, M, k_in, group, xq.data(), xscale.data(), sums.data());
         xs = {nullptr, xq.data(), xscale.data(), sums.data(), sum_stride};
+    } else if (FLM_BF16_PAIRS && kind == 0 && reads_in_order(kind, M, k_in)) {
+        // bf16 rows are widened a pair of vectors at a time, even and odd elements apart
+        // (load_bf16_pairs): x in the same order, each 2 W block its evens then its odds
+        xf.resize(k_in);
+        for (int64_t b = 0; b < k_in; b += 2 * W)
+            for (int j = 0; j < W; ++j) {
+                xf[b + j] = x[b + 2 * j];
+                xf[b + W + j] = x[b + 2 * j + 1];
+            }
+        xs.x = xf.data();
     } else if (kind == 2) {
         for (int64_t i = 0; i < M; ++i) {
             vec acc = vzero();

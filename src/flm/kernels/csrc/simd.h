@@ -24,6 +24,17 @@ inline vec load_bf16(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+// 32 bf16 weights as float32, the even elements and the odd ones: a shift and a mask, where
+// load_bf16's widening is a cross-lane shuffle (AMD Zen 4 runs 512-bit ones at half rate).
+// One x row against bf16 rows reads them so (rows_in_order), x reordered to match: on Zen 4,
+// bf16 GB/s 16-18 -> 21-27 (SmolLM2 shapes). The AVX2 build keeps load_bf16: pairs there went
+// 22-24 -> 19-22 on the same CPU.
+#define FLM_BF16_PAIRS 1
+inline void load_bf16_pairs(const uint8_t *p, vec &even, vec &odd) {
+    const __m512i v = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
 // 16 int8 codes q (0..255) as q - 128.
 inline vec load_q8(const uint8_t *p) {
     __m128i q = _mm_xor_si128(_mm_loadu_si128((const __m128i *)p), _mm_set1_epi8((char)0x80));
@@ -67,6 +78,7 @@ inline vec load_bf16(const uint8_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline vec load_fp16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#define FLM_BF16_PAIRS 0
 // 8 int8 codes q (0..255) as q - 128.
 inline vec load_q8(const uint8_t *p) {
     __m128i q = _mm_xor_si128(_mm_loadl_epi64((const __m128i *)p), _mm_set1_epi8((char)0x80));
@@ -101,6 +113,17 @@ inline vec load_stored(int kind, const uint8_t *row, int64_t k) {
     case 4: return vload((const float *)row + k);
     default: return load_u8(row + k);
     }
+}
+
+// acc plus the products of a and b's int16 lanes, summed pairwise into its int32 lanes: one
+// VNNI instruction (vpdpwssd) where the build has it, else multiply-add then add. The sums are the
+// same exactly (the int4 kernels multiply codes 0..15, which never saturate).
+inline __m256i dot_add_i16(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
 }
 
 // sum(a[i] * b[i]) for any n (vector body, scalar tail)
