@@ -183,6 +183,32 @@ def test_fused_linear_equals_its_parts(name, rows):
     assert (fused.native is not None) == (cpu_isa() is not None)
 
 
+AVX512 = "avx2 fma f16c avx512f avx512bw avx512vl avx512dq"
+
+
+@pytest.mark.parametrize("flags, forced, expected", [
+    (AVX512 + " avx512_vnni", "", "avx512vnni"), (AVX512, "", "avx512"), ("avx2 fma f16c", "", "avx2"),
+    (AVX512 + " avx512_vnni", "avx2", "avx2"), (AVX512, "avx512vnni", None), ("avx2 fma", "", None),
+])
+def test_cpu_isa_builds_for_the_widest_set_the_cpu_flags_allow(monkeypatch, flags, forced, expected):
+    """VNNI only where /proc/cpuinfo lists it; FLM_ISA narrows the choice, never widens it."""
+    import flm.kernels.native as native_module
+
+    class CpuInfo:
+        def __init__(self, path: str):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self) -> str:
+            return f"processor\t: 0\nflags\t\t: fpu sse sse2 {flags}\n"
+
+    monkeypatch.setattr(native_module, "Path", CpuInfo)
+    monkeypatch.setenv("FLM_ISA", forced)
+    isa = cpu_isa()
+    assert (isa[0] if isa else None) == expected
+    if expected == "avx512vnni":
+        assert "-mavx512vnni" in isa[1]
+
+
 def test_fused_reference_int4_parts_round_the_input_once(monkeypatch):
     """Parts that round x to int4's 16-bit grid share one rounding (counted); an int8 part
     beside them gets x as it is; outputs equal each part alone."""
