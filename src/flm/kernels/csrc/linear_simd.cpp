@@ -105,6 +105,21 @@ inline void int4_block_sums(const uint8_t *const (&rows)[NR], int64_t ahead, con
     }
 }
 
+// for_int4_blocks calls body(c, stop, g) for the blocks of columns [begin, end) (multiples of 32)
+// that one int32 sum covers: a whole group (the usual 32-128 codes), or pieces of at most 4096
+// codes of a longer group (the sums stay below 2^31), never across a group's end.
+template <int KIND, typename Body>
+inline void for_int4_blocks(const Params &p, int64_t begin, int64_t end, Body &&body) {
+    if constexpr (KIND == 5) {  // groups of 32 known at compile time: one block per group
+        for (int64_t c = begin; c < end; c += 32) body(c, c + 32, c / 32);
+    } else {
+        for (int64_t g = begin / p.group; g * p.group < end; ++g) {
+            const int64_t g_end = std::min((g + 1) * p.group, end);
+            for (int64_t c = std::max(g * p.group, begin); c < g_end; c += 4096) body(c, std::min(c + 4096, g_end), g);
+        }
+    }
+}
+
 // One tile: NR weight rows from n against MR x rows, written to out[i * n_out + r]. Both are
 // compile-time so that the NR x MR accumulators live in registers; several independent ones
 // keep the FMA units busy even for a single x row (one would wait on FMA latency every step).
@@ -118,7 +133,6 @@ inline void int4_block_sums(const uint8_t *const (&rows)[NR], int64_t ahead, con
 template <int KIND, int NR, int MR, bool PREFETCH>
 inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, const Span &ks, float *out, int64_t n_out) {
     const float *xm = in.x, *xsum = in.sums;
-    const int64_t group = KIND == 5 ? 32 : p.group;
     vec acc[NR][MR];
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i) acc[r][i] = vzero();
@@ -130,22 +144,16 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
     const int64_t ahead = NR * p.row_bytes;
     if constexpr (is_int4<KIND>) {
         // int32 sums (int4_block_sums), then scaled per group in float32
-        const int64_t groups = p.groups_per_row;
-        const int64_t chunk = std::min<int64_t>(group, 4096);  // int32 sums stay below 2^31
-        for (int64_t g = ks.begin / group; g * group < ks.end; ++g) {
-            vec s[NR];
-            for (int r = 0; r < NR; ++r) s[r] = vset(p.scale[(n + r) * groups + g]);
-            const int64_t g_end = std::min((g + 1) * group, ks.end);
-            for (int64_t c = std::max(g * group, ks.begin); c < g_end; c += chunk) {
-                __m256i part[NR][MR];
-                for (int r = 0; r < NR; ++r)
-                    for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-                // a group need not be whole chunks
-                int4_block_sums<NR, MR, PREFETCH>(rows, ahead, in.xq, k_in, c, std::min(c + chunk, g_end), part);
-                for (int r = 0; r < NR; ++r)
-                    for (int i = 0; i < MR; ++i) acc[r][i] = vfma(widen_i32(part[r][i]), s[r], acc[r][i]);
+        for_int4_blocks<KIND>(p, ks.begin, ks.end, [&](int64_t c, int64_t stop, int64_t g) {
+            __m256i part[NR][MR];
+            for (int r = 0; r < NR; ++r)
+                for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
+            int4_block_sums<NR, MR, PREFETCH>(rows, ahead, in.xq, k_in, c, stop, part);
+            for (int r = 0; r < NR; ++r) {
+                const vec s = vset(p.scale[(n + r) * p.groups_per_row + g]);
+                for (int i = 0; i < MR; ++i) acc[r][i] = vfma(widen_i32(part[r][i]), s, acc[r][i]);
             }
-        }
+        });
     } else {
         constexpr int BYTES = KIND == 2 ? 1 : KIND == 4 ? 4 : 2;  // per weight
         for (int64_t k = ks.begin; k < ks.end; k += W) {
@@ -250,25 +258,8 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     }
 }
 
-// for_int4_blocks calls body(c, stop, g) for the blocks of a row's columns that one int32 sum
-// covers: a whole group (the usual 32-128 codes), or pieces of at most 4096 codes of a longer
-// group (the sums stay below 2^31), never across a group's end.
-template <int KIND, typename Body>
-inline void for_int4_blocks(const Params &p, int64_t k_in, Body &&body) {
-    if constexpr (KIND == 5) {  // groups of 32 known at compile time: one block per group
-        for (int64_t c = 0; c < k_in; c += 32) body(c, c + 32, c / 32);
-    } else if (p.group <= 4096) {
-        for (int64_t c = 0, g = 0; c < k_in; c += p.group, ++g) body(c, std::min(c + p.group, k_in), g);
-    } else {
-        for (int64_t g = 0; g * p.group < k_in; ++g) {
-            const int64_t g_end = std::min((g + 1) * p.group, k_in);
-            for (int64_t c = g * p.group; c < g_end; c += 4096) body(c, std::min(c + 4096, g_end), g);
-        }
-    }
-}
-
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
-// codes times xq summed in int32 and scaled into float32 once per block; then each row's shift
+// codes times xq summed in int32 (int4_block_sums) and scaled into float32 once per block; then each row's shift
 // term over the groups, the NR rows' dot products side by side. `tile`, general over spans of
 // columns and x rows, ran 32-element groups at about half this speed (perf: its per-group loop
 // control, and 6% of the time in each row's shift dot product, one dependency chain). 1.1B
@@ -278,7 +269,6 @@ inline void for_int4_blocks(const Params &p, int64_t k_in, Body &&body) {
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
     const int64_t groups = p.groups_per_row;
-    const __m256i low = _mm256_set1_epi16(0xF);
     const uint8_t *rows[NR];
     const float *scales[NR];
     vec acc[NR];
@@ -288,22 +278,11 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
         acc[r] = vzero();
     }
     const int64_t ahead = NR * p.row_bytes;  // the next tile's rows, a cache line at a time
-    for_int4_blocks<KIND>(p, k_in, [&](int64_t b, int64_t stop, int64_t g) {
-        __m256i even[NR], odd[NR];  // two sums per row: with VNNI, two dependency chains
-        for (int r = 0; r < NR; ++r) even[r] = odd[r] = _mm256_setzero_si256();
-        for (int64_t k = b; k < stop; k += 32) {
-            if ((k / 2) % 64 == 0)
-                for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
-            const __m256i xe = _mm256_loadu_si256((const __m256i *)(in.xq + k));
-            const __m256i xo = _mm256_loadu_si256((const __m256i *)(in.xq + k + 16));
-            for (int r = 0; r < NR; ++r) {
-                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + k / 2)));
-                even[r] = dot_add_i16(even[r], _mm256_srli_epi16(v, 4), xe);
-                odd[r] = dot_add_i16(odd[r], _mm256_and_si256(v, low), xo);
-            }
-        }
-        for (int r = 0; r < NR; ++r)
-            acc[r] = vfma(widen_i32(_mm256_add_epi32(even[r], odd[r])), vset(scales[r][g]), acc[r]);
+    for_int4_blocks<KIND>(p, 0, k_in, [&](int64_t b, int64_t stop, int64_t g) {
+        __m256i part[NR][1];
+        for (int r = 0; r < NR; ++r) part[r][0] = _mm256_setzero_si256();
+        int4_block_sums<NR, 1, true>(rows, ahead, in.xq, k_in, b, stop, part);
+        for (int r = 0; r < NR; ++r) acc[r] = vfma(widen_i32(part[r][0]), vset(scales[r][g]), acc[r]);
     });
     vec shifted[NR];
     for (int r = 0; r < NR; ++r) shifted[r] = vzero();
@@ -334,7 +313,7 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < MR; ++i) vstore(acc[r][i], vzero());
     const int64_t ahead = NR * p.row_bytes;
-    for_int4_blocks<KIND>(p, k_in, [&](int64_t b, int64_t stop, int64_t g) {
+    for_int4_blocks<KIND>(p, 0, k_in, [&](int64_t b, int64_t stop, int64_t g) {
         __m256i part[NR][MR];
         for (int r = 0; r < NR; ++r)
             for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
