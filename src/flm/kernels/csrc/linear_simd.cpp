@@ -259,8 +259,8 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
 }
 
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
-// codes times xq summed in int32 (int4_block_sums) and scaled into float32 once per block; then each row's shift
-// term over the groups, the NR rows' dot products side by side. `tile`, general over spans of
+// codes times xq summed in int32 (int4_block_sums) and scaled into float32 once per block; then
+// each row's shift term over the groups, the NR rows' dot products side by side. `tile`, general over spans of
 // columns and x rows, ran 32-element groups at about half this speed (perf: its per-group loop
 // control, and 6% of the time in each row's shift dot product, one dependency chain). 1.1B
 // shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0 -> 19.9-24.9 GB/s;

@@ -27,8 +27,8 @@ inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si2
 // 32 bf16 weights as float32, the even elements and the odd ones: a shift and a mask, where
 // load_bf16's widening is a cross-lane shuffle (AMD Zen 4 runs 512-bit ones at half rate).
 // One x row against bf16 rows reads them so (rows_in_order), x reordered to match: on Zen 4,
-// bf16 GB/s 16-18 -> 21-27 (SmolLM2 shapes). The AVX2 build keeps load_bf16: pairs there went
-// 22-24 -> 19-22 on the same CPU.
+// bf16 GB/s 16-18 -> 20-27 (SmolLM2 shapes, one x row). The AVX2 build keeps load_bf16: pairs
+// there were slower on the same CPU (medians of 15 alternating samples 22.5 -> 20.3 GB/s).
 #define FLM_BF16_PAIRS 1
 inline void load_bf16_pairs(const uint8_t *p, vec &even, vec &odd) {
     const __m512i v = _mm512_loadu_si512(p);
