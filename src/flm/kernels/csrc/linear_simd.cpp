@@ -213,12 +213,13 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 // float32 rows keep the tiles past 1024 columns and no prefetch: with both, SmolLM2 float32
 // decode went 43.1 -> 38.9 tok/s (medians of six alternating rounds).
 inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != 4 || k_in <= 1024); }
+constexpr int64_t IN_ORDER_STEP = 64;  // columns per step of rows_in_order (its chains times W)
 
 template <int KIND>
 void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
     // independent sums, FMA latency hidden: 8 of AVX2's 8 lanes; 4 of AVX-512's 16 (with 8,
     // Zen 4's float16 GB/s in SmolLM2 shapes were 14-17, with 4: 20-26, as its AVX2 build)
-    constexpr int CHAINS = 64 / W;
+    constexpr int CHAINS = IN_ORDER_STEP / W;
     // 16-bit and int8 rows also fetch 1 KB ahead, a cache line per 64 bytes read: float16 GB/s
     // without -> with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 ->
     // 14.2-17.4; SmolLM2 float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s
@@ -226,32 +227,28 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     // but in the models, with its long rows in order too (above).
     constexpr int64_t AHEAD = 1024;
     constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight, where prefetched
-    constexpr int STEP = KIND == 0 && FLM_BF16_PAIRS ? 2 : 1;  // chains per load
+    constexpr int SPLIT = split_loads(KIND);  // vectors (chains) per load, x reordered to match
     for (int64_t n = begin; n < end; ++n) {
         const uint8_t *row = p.w + n * p.row_bytes;
         vec acc[CHAINS];
         for (int c = 0; c < CHAINS; ++c) acc[c] = vzero();
-        // chains c (and c + 1 for bf16 pairs) from column k: W weights, or bf16's 2 W in pairs
-        auto step = [&](int64_t k, int c) {
-#if FLM_BF16_PAIRS
-            if constexpr (KIND == 0) {
-                vec even, odd;
-                load_bf16_pairs(row + 2 * k, even, odd);
-                acc[c] = vfma(even, vload(xs.x + k), acc[c]);
-                acc[c + 1] = vfma(odd, vload(xs.x + k + W), acc[c + 1]);
-                return;
-            }
-#endif
-            acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
-        };
         int64_t k = 0;
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
             if constexpr (KIND != 4)
                 for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
                     _mm_prefetch((const char *)row + AHEAD + BYTES * k + b, _MM_HINT_T0);
-            for (int c = 0; c < CHAINS; c += STEP) step(k + c * W, c);
+            for (int c = 0; c < CHAINS; c += SPLIT) {
+                if constexpr (SPLIT > 1) {
+                    vec w[SPLIT];
+                    load_split(KIND, row + BYTES * (k + c * W), w);
+                    for (int s = 0; s < SPLIT; ++s) acc[c + s] = vfma(w[s], vload(xs.x + k + (c + s) * W), acc[c + s]);
+                } else {
+                    acc[c] = vfma(load_stored(KIND, row, k + c * W), vload(xs.x + k + c * W), acc[c]);
+                }
+            }
         }
-        for (int c = 0; k < k_in; k += STEP * W, c += STEP) step(k, c);
+        // the tail (shorter than the chains), x in element order
+        for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
         for (int c = 1; c < CHAINS; ++c) acc[0] = vadd(acc[0], acc[c]);
         const float y = vsum(acc[0]);
         ys[n] = KIND == 2 ? int8_output(p, n, y, xs.sums[0]) : y;
@@ -526,22 +523,21 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
         xscale.resize(M);
         round_int4_input(x, M, k_in, group, xq.data(), xscale.data(), sums.data());
         xs = {nullptr, xq.data(), xscale.data(), sums.data(), sum_stride};
-    } else if (FLM_BF16_PAIRS && kind == 0 && reads_in_order(kind, M, k_in)) {
-        // bf16 rows are widened a pair of vectors at a time, even and odd elements apart
-        // (load_bf16_pairs): x in the same order, each 2 W block its evens then its odds
-        xf.resize(k_in);
-        for (int64_t b = 0; b < k_in; b += 2 * W)
-            for (int j = 0; j < W; ++j) {
-                xf[b + j] = x[b + 2 * j];
-                xf[b + W + j] = x[b + 2 * j + 1];
-            }
-        xs.x = xf.data();
     } else if (kind == 2) {
         for (int64_t i = 0; i < M; ++i) {
             vec acc = vzero();
             for (int64_t k = 0; k < k_in; k += W) acc = vadd(acc, vload(x + i * k_in + k));
             sums[i] = vsum(acc);
         }
+    }
+    if (const int split = split_loads(kind); split > 1 && reads_in_order(kind, M, k_in)) {
+        // x in the order of rows_in_order's split loads: each load's split * W elements as the
+        // vectors it fills (vector s: elements j * split + s); the tail in element order
+        xf.assign(x, x + k_in);
+        for (int64_t b = 0; b < k_in / IN_ORDER_STEP * IN_ORDER_STEP; b += split * W)
+            for (int s = 0; s < split; ++s)
+                for (int j = 0; j < W; ++j) xf[b + s * W + j] = x[b + j * split + s];
+        xs.x = xf.data();
     }
     at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
         for (size_t j = 0; j < parts; ++j) {

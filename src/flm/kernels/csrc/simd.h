@@ -24,16 +24,26 @@ inline vec load_bf16(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-// 32 bf16 weights as float32, the even elements and the odd ones: a shift and a mask, where
-// load_bf16's widening is a cross-lane shuffle (AMD Zen 4 runs 512-bit ones at half rate).
-// One x row against bf16 rows reads them so (rows_in_order), x reordered to match: on Zen 4,
-// bf16 GB/s 16-18 -> 20-27 (SmolLM2 shapes, one x row). The AVX2 build keeps load_bf16: pairs
-// there were slower on the same CPU (medians of 15 alternating samples 22.5 -> 20.3 GB/s).
-#define FLM_BF16_PAIRS 1
-inline void load_bf16_pairs(const uint8_t *p, vec &even, vec &odd) {
+// Split loads: one 64-byte load of bf16 or int8 weights widened to float32 by shifts and masks
+// within 32-bit lanes into S vectors, vector s holding elements j * S + s; load_bf16 and load_u8
+// widen with cross-lane shuffles, which AMD Zen 4 runs at half rate on 512-bit vectors. One x
+// row against these rows reads them so (rows_in_order), x reordered to match. On Zen 4, one x
+// row: bf16 GB/s 16-18 -> 20-27 (SmolLM2 shapes); 1.1B int8 decode, old/new alternating,
+// 16.0-16.9 -> 19.3-20.2 tok/s (its AVX2 build: 17.9-21.0). The AVX2 build keeps its loads:
+// bf16 pairs there were slower on the same CPU (medians of 15 samples 22.5 -> 20.3 GB/s).
+constexpr int split_loads(int kind) { return kind == 0 ? 2 : kind == 2 ? 4 : 1; }
+inline void load_split(int kind, const uint8_t *p, vec *out) {
     const __m512i v = _mm512_loadu_si512(p);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+    if (kind == 0) {  // 32 bf16: the even elements, the odd ones
+        out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        out[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+    } else {  // 64 int8 codes as stored (0..255), by their place in each 4 bytes
+        const __m512i byte = _mm512_set1_epi32(0xFF);
+        out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, byte));
+        out[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), byte));
+        out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 16), byte));
+        out[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 24));
+    }
 }
 // 16 int8 codes q (0..255) as q - 128.
 inline vec load_q8(const uint8_t *p) {
@@ -78,7 +88,9 @@ inline vec load_bf16(const uint8_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline vec load_fp16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-#define FLM_BF16_PAIRS 0
+// No split loads here (see the AVX-512 section); load_split is never called.
+constexpr int split_loads(int) { return 1; }
+inline void load_split(int, const uint8_t *, vec *) {}
 // 8 int8 codes q (0..255) as q - 128.
 inline vec load_q8(const uint8_t *p) {
     __m128i q = _mm_xor_si128(_mm_loadl_epi64((const __m128i *)p), _mm_set1_epi8((char)0x80));
