@@ -62,9 +62,9 @@ def test_native_linear_equals_reference(name, rows):
 @pytest.mark.parametrize("in_features", [416, 1152, 2080])
 def test_one_input_row_reads_rows_in_order_or_in_tiles(name, in_features):
     """One x row against 16-bit or int8 rows of any length, or float32 rows of up to 1024
-    elements (linear_simd.cpp's in_order_max_k), walks the weights row after row with eight sums
-    along each (416 and 2080 leave tails shorter than eight vectors); longer float32 rows go
-    through the eight-row tiles."""
+    elements (linear_simd.cpp's reads_in_order), walks the weights row after row, 64 columns per
+    step (on AVX-512, bf16 and int8 in split loads with x reordered); 416 and 2080 leave a tail of
+    32 columns, read in element order; longer float32 rows go through the eight-row tiles."""
     torch.manual_seed(in_features)
     w = torch.randn(45, in_features) * 0.05
     weight, dense = _weights(name, w)

@@ -21,11 +21,11 @@ log = logging.getLogger("flm")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("linear_simd.cpp", "decode_step.cpp", "bindings.cpp")]
 # Instruction sets, widest first: (name, /proc/cpuinfo flags it needs, compiler flags).
+_AVX512_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 ISAS = (
-    ("avx512vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma"),
-     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]),
-    ("avx512", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma"),
-     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+    ("avx512vnni", (*_AVX512_NEEDS, "avx512_vnni"), [*_AVX512_FLAGS, "-mavx512vnni"]),
+    ("avx512", _AVX512_NEEDS, _AVX512_FLAGS),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 )
 KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3,

@@ -83,7 +83,7 @@ inline float int8_output(const Params &p, int64_t n, float y, float xsum) {
 }
 
 // The int32 sums of NR int4 rows against MR x rows over columns [c, stop) (multiples of 32),
-// added into part: codes times x rounded to 16 bits (xq), summed exactly (vpmaddwd: 16
+// added into part: codes times x rounded to 16 bits (xq), summed exactly (dot_add_i16: 16
 // multiply-adds per instruction). x's 32-blocks were reordered evens-then-odds
 // (`round_int4_input`): the high nibbles pair with the even elements.
 template <int NR, int MR, bool PREFETCH>
@@ -226,7 +226,7 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     // (faster in 8). int8 gained nothing at 576x576 in the kernel bench (9.0-13.2 -> 9.4-14.3)
     // but in the models, with its long rows in order too (above).
     constexpr int64_t AHEAD = 1024;
-    constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight, where prefetched
+    constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
     constexpr int SPLIT = split_loads(KIND);  // vectors (chains) per load, x reordered to match
     for (int64_t n = begin; n < end; ++n) {
         const uint8_t *row = p.w + n * p.row_bytes;
@@ -257,12 +257,12 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
 
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
 // codes times xq summed in int32 (int4_block_sums) and scaled into float32 once per block; then
-// each row's shift term over the groups, the NR rows' dot products side by side. `tile`, general over spans of
-// columns and x rows, ran 32-element groups at about half this speed (perf: its per-group loop
-// control, and 6% of the time in each row's shift dot product, one dependency chain). 1.1B
-// shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0 -> 19.9-24.9 GB/s;
-// SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of 128 and per-row int4 moved within
-// this VM's noise.
+// each row's shift term over the groups, the NR rows' dot products side by side. `tile`,
+// general over spans of columns and x rows, ran 32-element groups at about half this speed
+// (perf: its per-group loop control, and 6% of the time in each row's shift dot product, one
+// dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0
+// -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of 128 and per-row
+// int4 moved within this VM's noise.
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
     const int64_t groups = p.groups_per_row;
@@ -507,7 +507,7 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
     const bool widen = kind == 3 && M > BLOCKED_ABOVE && M >= ps[0].group;
     // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in
-    // order; one bf16 row: reordered, xf); quantized kinds need sum(x) per group (int8: per row)
+    // order; one x row against bf16 or int8 rows split loads: reordered, xf); quantized kinds need sum(x) per group (int8: per row)
     // for the shift term. Scratch reused across calls: the decode step calls this per layer.
     thread_local std::vector<float> sums, xscale, xf;
     thread_local std::vector<int16_t> xq;
