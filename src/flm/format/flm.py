@@ -198,6 +198,7 @@ def read_flm(path: str | os.PathLike) -> FlmFile:
         if size < 4:
             raise FlmFormatError(path, f"only {size} bytes: not a .flm file")
         mapped = mmap.mmap(fd.fileno(), 0, access=mmap.ACCESS_READ)
+    _advise_huge_pages(mapped)
     buf = memoryview(mapped)
     try:
         return _parse(path, buf, mapped)
@@ -207,6 +208,19 @@ def read_flm(path: str | os.PathLike) -> FlmFile:
     except (struct.error, ValueError, OverflowError, UnsupportedDtypeError) as exc:
         _release(buf, mapped)
         raise FlmFormatError(path, f"corrupt file: {exc}") from None
+
+
+def _advise_huge_pages(mapped: mmap.mmap) -> None:
+    """Ask for 2 MB pages before the parse touches the file: pages then read from disk come in
+    2 MB folios, mapped 2 MB at a time, which decode streams faster than 4 KB pages (fewer TLB
+    misses; Zen 4, GEMV over 2 GB of float16 rows, medians of ten: 4 KB pages 21.5 GB/s, 2 MB
+    25.2). Advised after the parse, its faults around each tensor header had already read most
+    of a 1.1B int8 file in small folios (297 of 1,273 MB mapped 2 MB at a time, against 1,272
+    advised first). Pages already in the page cache stay as they were read or written."""
+    try:
+        mapped.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # no madvise, or no transparent huge pages on this system
 
 
 def _release(buf: memoryview, mapped: mmap.mmap) -> None:
