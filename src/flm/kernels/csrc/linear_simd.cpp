@@ -224,7 +224,12 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     // without -> with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 ->
     // 14.2-17.4; SmolLM2 float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s
     // (faster in 8). int8 gained nothing at 576x576 in the kernel bench (9.0-13.2 -> 9.4-14.3)
-    // but in the models, with its long rows in order too (above).
+    // but in the models, with its long rows in order too (above). Not float16 rows on AVX-512:
+    // there (Zen 4) they stream faster on the hardware prefetcher alone. A standalone GEMV over
+    // 2 GB of float16 rows, medians of ten: 31.5 GB/s without, 20.7 with; 1.1B float16 decode,
+    // three alternations: 9.5-11.6 -> 10.6-12.5 tok/s. bf16 and int8 rows (64-byte split loads)
+    // and SmolLM2's float16 (mostly from L3) moved within noise either way.
+    constexpr bool PREFETCH = KIND != 4 && !(KIND == 1 && W == 16);
     constexpr int64_t AHEAD = 1024;
     constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
     constexpr int SPLIT = split_loads(KIND);  // vectors (chains) per load, x reordered to match
@@ -234,7 +239,7 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
         for (int c = 0; c < CHAINS; ++c) acc[c] = vzero();
         int64_t k = 0;
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
-            if constexpr (KIND != 4)
+            if constexpr (PREFETCH)
                 for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
                     _mm_prefetch((const char *)row + AHEAD + BYTES * k + b, _MM_HINT_T0);
             for (int c = 0; c < CHAINS; c += SPLIT) {
