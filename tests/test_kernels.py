@@ -101,14 +101,14 @@ def test_blocked_kernel_sums_spans_of_k(name):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["int4", "int4g32", "int4g128"])
-def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name):
+@pytest.mark.parametrize("name, in_features", [("int4", 8352), ("int4g32", 8320), ("int4g128", 8320)])
+def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name, in_features):
     """A served batch decodes its sequences together (2-8 x rows: int4_tile_few_x) while a
-    request alone takes the one-row tile (int4_tile_one_x): both sum in one order, so greedy
-    answers cannot depend on who else is being served. 8320 columns: per-row int4 sums two
-    4096-blocks and a tail; 65 groups of 128 leave a tail after eight-group vectors."""
+    request alone takes the one-row path (int4_tile_one_x; per-row int4 one row at a time in
+    int4_row_sum's four chains): both sum in one order, so greedy answers cannot depend on who
+    else is being served. 8352 columns: per-row int4 sums two 4096-blocks and a tail of 160
+    (two 64-code steps and a 32); 65 groups of 128 leave a tail after eight-group vectors."""
     torch.manual_seed(11)
-    in_features = 8320
     w = torch.randn(37, in_features) * 0.05
     weight, _ = _weights(name, w)
     lin = make_linear(weight, (37, in_features))
