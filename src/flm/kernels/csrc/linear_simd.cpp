@@ -362,8 +362,8 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
 
 // Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit
 // or int8 rows, per-row int4 or float32 rows up to 1024 columns, in order (rows_in_order,
-// int4_tile_one_x<1>); else eight weight rows at a time for a single x row (grouped int4: four,
-// int4_tile_one_x), two for batches (int4:
+// int4_tile_one_x<1>); else eight weight rows at a time for a single x row (grouped int4: two or
+// four, int4_tile_one_x), two for batches (int4:
 // int4_tile_few_x), whose x rows then share each weight load; each weight tile is read from
 // memory once and from L1 for the further x rows.
 template <int KIND>
@@ -377,12 +377,15 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
             // alternations: 27.0-29.2 -> 34.7-35.4 tok/s; a standalone GEMV over 1 GB of rows,
             // medians of ten: 4 rows interleaved 17.8 GB/s, one in order 27.0). Groups of 128
             // went the other way (24.0-27.1 -> 20.5-21.5 tok/s: each row's short blocks then pay
-            // their own setup and scaling), so grouped rows stay four to a tile.
+            // their own setup and scaling), so grouped rows stay in tiles: two rows for groups of
+            // 128 and more (1.1B int4g128 decode, six alternations, medians 26.5 -> 28.7 tok/s,
+            // faster in five), four for groups of 32 (SmolLM2 int4g32: two rows lost in all three).
             if (p.groups_per_row == 1) {
                 for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
                 return;
             }
-            for (; n + 4 <= end; n += 4) int4_tile_one_x<KIND, 4>(p, n, xs, k_in, ys + n);
+            constexpr int ONE_X_NR = KIND == 5 ? 4 : 2;
+            for (; n + ONE_X_NR <= end; n += ONE_X_NR) int4_tile_one_x<KIND, ONE_X_NR>(p, n, xs, k_in, ys + n);
             for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
             return;
         }
