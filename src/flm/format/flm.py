@@ -215,8 +215,8 @@ def _advise_huge_pages(mapped: mmap.mmap) -> None:
     2 MB folios, mapped 2 MB at a time, which decode streams faster than 4 KB pages (fewer TLB
     misses; Zen 4, GEMV over 2 GB of float16 rows, medians of ten: 4 KB pages 21.5 GB/s, 2 MB
     25.2). Advised after the parse, its faults around each tensor header had already read most
-    of a 1.1B int8 file in small folios (297 of 1,273 MB mapped 2 MB at a time, against 1,272
-    advised first). Pages already in the page cache stay as they were read or written."""
+    of a 1.1B int8 file from disk in small folios (297 of 1,273 MB mapped 2 MB at a time; advised
+    first, 1,114). Pages already in the page cache stay as they were read or written."""
     try:
         mapped.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):

@@ -286,10 +286,9 @@ inline __m256i int4_row_sum(const uint8_t *row, const int16_t *xq, int64_t c, in
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the
 // codes times xq summed in int32 (int4_block_sums; one row: int4_row_sum) and scaled into float32
 // once per block; then each row's shift term over the groups, the NR rows' dot products side by
-// side. `tile`,
-// general over spans of columns and x rows, ran 32-element groups at about half this speed
-// (perf: its per-group loop control, and 6% of the time in each row's shift dot product, one
-// dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0
+// side. `tile`, general over spans of columns and x rows, ran 32-element groups at about half
+// this speed (perf: its per-group loop control, and 6% of the time in each row's shift dot
+// product, one dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0
 // -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of 128 and per-row
 // int4 moved within this VM's noise.
 template <int KIND, int NR>
@@ -360,12 +359,11 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
                                  dot(p.shift + (n + r) * groups, in.sums + i * groups, groups);
 }
 
-// Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit
-// or int8 rows, per-row int4 or float32 rows up to 1024 columns, in order (rows_in_order,
+// Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit,
+// int8 or per-row int4 rows, or float32 rows up to 1024 columns, in order (rows_in_order,
 // int4_tile_one_x<1>); else eight weight rows at a time for a single x row (grouped int4: two or
-// four, int4_tile_one_x), two for batches (int4:
-// int4_tile_few_x), whose x rows then share each weight load; each weight tile is read from
-// memory once and from L1 for the further x rows.
+// four, int4_tile_one_x), two for batches (int4: int4_tile_few_x), whose x rows then share each
+// weight load; each weight tile is read from memory once and from L1 for the further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
