@@ -288,9 +288,9 @@ inline __m256i int4_row_sum(const uint8_t *row, const int16_t *xq, int64_t c, in
 // once per block; then each row's shift term over the groups, the NR rows' dot products side by
 // side. `tile`, general over spans of columns and x rows, ran 32-element groups at about half
 // this speed (perf: its per-group loop control, and 6% of the time in each row's shift dot
-// product, one dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating: int4g32 12.3-16.0
-// -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of 128 and per-row
-// int4 moved within this VM's noise.
+// product, one dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating:
+// int4g32 12.3-16.0 -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of
+// 128 and per-row int4 moved within this VM's noise (later, per-row int4 alone: see rows_for).
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
     const int64_t groups = p.groups_per_row;
@@ -551,9 +551,10 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     // 1.1B shapes, 32-element groups, 128 rows: 97-108 GFLOP/s widened vs 54-63 (64 rows: 92-94
     // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
     const bool widen = kind == 3 && M > BLOCKED_ABOVE && M >= ps[0].group;
-    // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in
-    // order; one x row against bf16 or int8 rows split loads: reordered, xf); quantized kinds need sum(x) per group (int8: per row)
-    // for the shift term. Scratch reused across calls: the decode step calls this per layer.
+    // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in order;
+    // one x row against split-loaded bf16 or int8 rows: reordered, xf); quantized kinds need
+    // sum(x) per group (int8: per row) for the shift term. Scratch reused across calls: the
+    // decode step calls this per layer.
     thread_local std::vector<float> sums, xscale, xf;
     thread_local std::vector<int16_t> xq;
     const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
