@@ -187,11 +187,13 @@ AVX512 = "avx2 fma f16c avx512f avx512bw avx512vl avx512dq"
 
 
 @pytest.mark.parametrize("flags, forced, expected", [
+    (AVX512 + " avx512_vnni avx512_bf16", "", "avx512bf16"), (AVX512 + " avx512_bf16", "", "avx512"),
+    (AVX512 + " avx512_vnni avx512_bf16", "avx512vnni", "avx512vnni"),
     (AVX512 + " avx512_vnni", "", "avx512vnni"), (AVX512, "", "avx512"), ("avx2 fma f16c", "", "avx2"),
     (AVX512 + " avx512_vnni", "avx2", "avx2"), (AVX512, "avx512vnni", None), ("avx2 fma", "", None),
 ])
 def test_cpu_isa_builds_for_the_widest_set_the_cpu_flags_allow(monkeypatch, flags, forced, expected):
-    """VNNI only where /proc/cpuinfo lists it; FLM_ISA narrows the choice, never widens it."""
+    """VNNI and BF16 only where /proc/cpuinfo lists them; FLM_ISA narrows the choice, never widens it."""
     import flm.kernels.native as native_module
 
     class CpuInfo:
@@ -205,8 +207,9 @@ def test_cpu_isa_builds_for_the_widest_set_the_cpu_flags_allow(monkeypatch, flag
     monkeypatch.setenv("FLM_ISA", forced)
     isa = cpu_isa()
     assert (isa[0] if isa else None) == expected
-    if expected == "avx512vnni":
-        assert "-mavx512vnni" in isa[1]
+    if isa:
+        assert ("-mavx512vnni" in isa[1]) == (expected in ("avx512vnni", "avx512bf16"))
+        assert ("-mavx512bf16" in isa[1]) == (expected == "avx512bf16")
 
 
 def test_fused_reference_int4_parts_round_the_input_once(monkeypatch):

@@ -113,9 +113,12 @@ def test_other_dtypes_track_float32(tmp_path, tiny_dir, tiny_flm, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4", "int4g"])
-def test_quantized_model_equals_transformers_on_dequantized_weights(tmp_path, tiny_dir, tiny_model, dtype):
-    """The runtime computes exactly with the weights the file stores (fastllm's formula)."""
+def test_quantized_model_equals_transformers_on_dequantized_weights(monkeypatch, tmp_path, tiny_dir, tiny_model, dtype):
+    """The runtime computes exactly with the weights the file stores (fastllm's formula); prompts
+    in float32 (on AVX512-BF16 CPUs they default to bf16 arithmetic: test_prefill_bf16.py)."""
     import copy
+
+    monkeypatch.setenv("FLM_PREFILL", "float32")
 
     from flm.format.flm import read_flm
     from flm.quant import dequantize
@@ -133,11 +136,15 @@ def test_quantized_model_equals_transformers_on_dequantized_weights(tmp_path, ti
     assert logits_close(ours, theirs, 1e-4)
 
 
-def test_int8_kernel_equals_reference(tmp_path, tiny_dir):
+@pytest.mark.parametrize("prefill", ["float32", "bfloat16"])
+def test_int8_kernel_equals_reference(monkeypatch, tmp_path, tiny_dir, prefill):
+    """The prompt's logits: float32 prefill to 1e-4; bf16 prefill (the default on AVX512-BF16
+    CPUs, else float32 too) within what rounding x to bf16 moves them."""
+    monkeypatch.setenv("FLM_PREFILL", prefill)
     convert(tiny_dir, tmp_path / "q.flm", ConvertOptions(dtype="int8", progress=False))
     fast = _flm_logits(llm.model(tmp_path / "q.flm"), PROMPT_IDS)
     ref = _flm_logits(llm.model(tmp_path / "q.flm", reference=True), PROMPT_IDS)
-    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+    assert logits_close(fast, ref, 1e-4 if prefill == "float32" else 1e-2)
 
 
 def test_prompt_building_fastllm_style(tmp_path, tiny_dir):

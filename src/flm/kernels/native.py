@@ -19,11 +19,12 @@ from ..quant import DType, Quantized, lowbit_params, round_input_int16
 
 log = logging.getLogger("flm")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("linear_simd.cpp", "decode_step.cpp", "bindings.cpp")]
+SOURCES = [CSRC / name for name in ("linear_simd.cpp", "prefill_bf16.cpp", "decode_step.cpp", "bindings.cpp")]
 # Instruction sets, widest first: (name, /proc/cpuinfo flags it needs, compiler flags).
 _AVX512_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "f16c", "fma")
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 ISAS = (
+    ("avx512bf16", (*_AVX512_NEEDS, "avx512_vnni", "avx512_bf16"), [*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bf16"]),
     ("avx512vnni", (*_AVX512_NEEDS, "avx512_vnni"), [*_AVX512_FLAGS, "-mavx512vnni"]),
     ("avx512", _AVX512_NEEDS, _AVX512_FLAGS),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
@@ -80,11 +81,34 @@ def native():
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
-        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        module = load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
         log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])
         return None
+    return module
+
+
+def prefill_precision() -> str:
+    """How prompts multiply where the CPU has AVX512-BF16: "bfloat16" (the default: x and the
+    weights rounded to bf16, float32 sums, about twice as fast) or "float32" (FLM_PREFILL=float32:
+    the decode kernels' arithmetic). float16 weights and other CPUs always use float32."""
+    value = os.environ.get("FLM_PREFILL", "bfloat16").lower()
+    if value not in ("bfloat16", "float32"):
+        log.warning("FLM_PREFILL=%s is neither bfloat16 nor float32; using bfloat16", value)
+        return "bfloat16"
+    return value
+
+
+BF16_KINDS = (0, 2, 3)  # bf16, int8, int4 (float16 would lose three bits per weight in bf16)
+BF16_ABOVE = 8  # tokens: the decode tiles take up to 8 x rows (linear_simd.cpp, BLOCKED_ABOVE)
+
+
+def prompt_in_bf16(kind: int, tokens: int) -> bool:
+    """Whether `tokens` tokens of one sequence (a prompt, never a batch of decode steps, whose
+    outputs must not depend on the batch) multiply in bfloat16 (prefill_bf16.cpp)."""
+    return (tokens > BF16_ABOVE and kind in BF16_KINDS and native().has_prefill_bf16()
+            and prefill_precision() == "bfloat16")
 
 
 class NativeParams:
@@ -190,6 +214,7 @@ def gemm_product(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
     return prefill_gemm(round_input_int16(x) if parts[0].rounds_input else x, parts)
 
 
-def linear_many(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
-    """[x W1^T | x W2^T | ...] for float32 x [M, K] in one kernel call (parts must be compatible)."""
-    return native().linear(x, *kernel_args(parts), [p.n for p in parts], parts[0].k)
+def linear_many(x: torch.Tensor, parts: list[NativeParams], in_bf16: bool = False) -> torch.Tensor:
+    """[x W1^T | x W2^T | ...] for float32 x [M, K] in one kernel call (parts must be compatible);
+    in_bf16: multiplied in bfloat16 (see prompt_in_bf16)."""
+    return native().linear(x, *kernel_args(parts), [p.n for p in parts], parts[0].k, in_bf16)

@@ -2,6 +2,7 @@
 // decode step (decode_step.cpp) and their Python bindings (bindings.cpp).
 #pragma once
 #include <torch/extension.h>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -30,9 +31,30 @@ Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &sc
 // four times per layer and ATen's per-op overhead would dominate small models).
 void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y);
 
+// linear_raw for a prompt in bfloat16 (prefill_bf16.cpp): bf16, int8 or int4 weights, in a
+// build for AVX512-BF16 (has_prefill_bf16).
+bool has_prefill_bf16();
+void linear_bf16(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y);
+
+// The output rows [0, sum of n) of several parts split across threads: body(j, lo, hi, y_j) for
+// each part j's rows [lo, hi) in a thread's share, y_j its first output column.
+template <typename Body>
+void parallel_parts(const std::vector<Params> &parts, float *y, Body &&body) {
+    std::vector<int64_t> offsets(parts.size() + 1, 0);
+    for (size_t j = 0; j < parts.size(); ++j) offsets[j + 1] = offsets[j] + parts[j].n;
+    at::parallel_for(0, offsets.back(), 16, [&](int64_t begin, int64_t end) {
+        for (size_t j = 0; j < parts.size(); ++j) {
+            const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
+            const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
+            if (lo < hi) body(j, lo, hi, y + offsets[j]);
+        }
+    });
+}
+
+// The same for torch tensors; in_bf16: through linear_bf16 (a prompt).
 torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
-                     std::vector<int64_t> n_outs, int64_t k_in);
+                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16);
 // Rows [row0, row1) of W as float32, written into `out` ([row1 - row0, k_in], contiguous).
 void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
                      int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out);

@@ -11,6 +11,7 @@
 // Weight kinds: see flm_kernels.h.
 #include "flm_kernels.h"
 #include "simd.h"
+#include "weights.h"
 
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -61,25 +62,6 @@ inline vec widen_i32(__m256i v) {
 #else
     return _mm256_cvtepi32_ps(v);
 #endif
-}
-
-// W weights of row n starting at column k, as float32.
-inline vec load_w(const Params &p, int64_t n, int64_t k) {
-    const uint8_t *row = p.w + n * p.row_bytes;
-    switch (p.kind) {
-    case 2: return vfma(load_q8(row + k), vset(p.scale[n]), vset(p.shift[n]));
-    case 3: {
-        int64_t g = n * p.groups_per_row + k / p.group;
-        return vfma(load_u4(row + k / 2), vset(p.scale[g]), vset(p.shift[g]));
-    }
-    default: return load_stored(p.kind, row, k);
-    }
-}
-
-// An int8 row's sum of q * x (q as stored, 0..255) to its output: the 128 of q - 128 folded
-// into the shift term, times sum(x).
-inline float int8_output(const Params &p, int64_t n, float y, float xsum) {
-    return y * p.scale[n] + (p.shift[n] - 128.f * p.scale[n]) * xsum;
 }
 
 // The int32 sums of NR int4 rows against MR x rows over columns [c, stop) (multiples of 32),
@@ -541,11 +523,9 @@ Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &sc
 
 void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_t k_in, float *ys) {
     TORCH_CHECK(k_in % 32 == 0, "K must be a multiple of 32");
-    const size_t parts = ps.size();
     const int kind = ps[0].kind;
-    std::vector<int64_t> offsets(parts + 1, 0);
-    for (size_t j = 0; j < parts; ++j) offsets[j + 1] = offsets[j] + ps[j].n;
-    const int64_t n_total = offsets[parts];
+    int64_t n_total = 0;
+    for (const Params &p : ps) n_total += p.n;
     // int4 on at least as many x rows as a group has elements: the integer tiles would rescale
     // each group's sums more often (once per x row) than widening touches each weight (once).
     // 1.1B shapes, 32-element groups, 128 rows: 97-108 GFLOP/s widened vs 54-63 (64 rows: 92-94
@@ -585,26 +565,20 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
                 for (int j = 0; j < W; ++j) xf[b + s * W + j] = x[b + j * split + s];
         xs.x = xf.data();
     }
-    at::parallel_for(0, n_total, 16, [&](int64_t begin, int64_t end) {
-        for (size_t j = 0; j < parts; ++j) {
-            const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
-            const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
-            if (lo >= hi) continue;
-            float *yj = ys + offsets[j];
-            if (widen) {
-                rows_widened(ps[j], lo, hi, M, xs.x, k_in, yj, n_total);
-                continue;
-            }
-            switch (kind) {
-            case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-            case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-            case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-            case 3:
-                if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
-                else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
-                break;
-            default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
-            }
+    parallel_parts(ps, ys, [&](size_t j, int64_t lo, int64_t hi, float *yj) {
+        if (widen) {
+            rows_widened(ps[j], lo, hi, M, xs.x, k_in, yj, n_total);
+            return;
+        }
+        switch (kind) {
+        case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+        case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+        case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+        case 3:
+            if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+            else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+            break;
+        default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
         }
     });
 }
@@ -614,7 +588,7 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
 // parallel region instead of one per weight.
 torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
-                     std::vector<int64_t> n_outs, int64_t k_in) {
+                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k_in,
                 "x must be contiguous float32 [M, K]");
     const size_t parts = ws.size();
@@ -628,7 +602,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
         n_total += n_outs[j];
     }
     auto y = torch::empty({x.size(0), n_total}, x.options());
-    linear_raw(ps, x.size(0), x.data_ptr<float>(), k_in, y.data_ptr<float>());
+    (in_bf16 ? linear_bf16 : linear_raw)(ps, x.size(0), x.data_ptr<float>(), k_in, y.data_ptr<float>());
     return y;
 }
 
