@@ -120,7 +120,10 @@ void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uin
         }
         if (p.kind == 2)
             for (int64_t i = 0; i < M; ++i)
-                for (int64_t n = n0; n < n0 + nb; ++n) ys[i * n_out + n] = int8_output(p, n, ys[i * n_out + n], xsums[i]);
+                for (int64_t n = n0; n < n0 + nb; ++n) {
+                    float &y = ys[i * n_out + n];
+                    y = int8_output(p, n, y, xsums[i]);
+                }
     }
 }
 
