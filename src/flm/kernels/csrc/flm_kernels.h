@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace flm {
@@ -35,6 +36,15 @@ void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int
 // build for AVX512-BF16 (has_prefill_bf16).
 bool has_prefill_bf16();
 void linear_bf16(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y);
+
+// f(std::integral_constant<int, count>) for 1 <= count <= MAX: a runtime row count as a
+// compile-time one, so that a tile's accumulators stay in registers.
+template <int MAX, typename F>
+inline void with_row_count(int64_t count, F &&f) {
+    if constexpr (MAX > 1)
+        if (count < MAX) return with_row_count<MAX - 1>(count, f);
+    f(std::integral_constant<int, MAX>{});
+}
 
 // The output rows [0, sum of n) of several parts split across threads: body(j, lo, hi, y_j) for
 // each part j's rows [lo, hi) in a thread's share, y_j its first output column.

@@ -87,6 +87,44 @@ inline void int4_block_sums(const uint8_t *const (&rows)[NR], int64_t ahead, con
     }
 }
 
+#if defined(__AVX512F__)
+// int4_block_sums for NR = 2 * PAIRS rows and MR x rows with two rows in each 512-bit vector,
+// row 2p + h's codes in half h of pair p, and each x block broadcast to both halves: one
+// multiply-add instruction and one x load per pair and x row where the 256-bit tile issues two
+// of each, and the codes unpacked once for all MR x rows. Each half's int32 lanes are
+// int4_block_sums' lanes exactly, so a batch's rows still equal each row alone bit for bit.
+template <int PAIRS, int MR>
+inline void int4_pair_sums(const uint8_t *const (&rows)[2 * PAIRS], int64_t ahead, const int16_t *xq, int64_t k_in,
+                           int64_t c, int64_t stop, __m256i (&part)[2 * PAIRS][MR]) {
+    const __m512i low = _mm512_set1_epi16(0xF);
+    __m512i sums[PAIRS][MR];
+    for (int q = 0; q < PAIRS; ++q)
+        for (int i = 0; i < MR; ++i) sums[q][i] = _mm512_setzero_si512();
+    for (int64_t k = c; k < stop; k += 32) {
+        if ((k / 2) % 64 == 0)
+            for (int r = 0; r < 2 * PAIRS; ++r) _mm_prefetch((const char *)rows[r] + ahead + k / 2, _MM_HINT_T0);
+        __m512i even[PAIRS], odd[PAIRS];
+        for (int q = 0; q < PAIRS; ++q) {
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu2_m128i((const __m128i *)(rows[2 * q + 1] + k / 2),
+                                                                       (const __m128i *)(rows[2 * q] + k / 2)));
+            even[q] = _mm512_srli_epi16(v, 4);
+            odd[q] = _mm512_and_si512(v, low);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const int16_t *xb = xq + i * k_in + k;
+            const __m512i xe = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xb));
+            const __m512i xo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 16)));
+            for (int q = 0; q < PAIRS; ++q) sums[q][i] = dot_add_i16_512(dot_add_i16_512(sums[q][i], even[q], xe), odd[q], xo);
+        }
+    }
+    for (int q = 0; q < PAIRS; ++q)
+        for (int i = 0; i < MR; ++i) {
+            part[2 * q][i] = _mm256_add_epi32(part[2 * q][i], _mm512_castsi512_si256(sums[q][i]));
+            part[2 * q + 1][i] = _mm256_add_epi32(part[2 * q + 1][i], _mm512_extracti64x4_epi64(sums[q][i], 1));
+        }
+}
+#endif
+
 // for_int4_blocks calls body(c, stop, g) for the blocks of columns [begin, end) (multiples of 32)
 // that one int32 sum covers: a whole group (the usual 32-128 codes), or pieces of at most 4096
 // codes of a longer group (the sums stay below 2^31), never across a group's end.
@@ -170,12 +208,9 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
                       float *ys, int64_t n_out) {
     const Input xm = xs.from(m0, k_in);
     float *out = ys + m0 * n_out + n;
-    switch (std::min<int64_t>(MB, M - m0)) {
-    case 1: tile<KIND, NR, 1, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
-    case 2: tile<KIND, NR, 2, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
-    case 3: tile<KIND, NR, 3, PREFETCH>(p, n, xm, k_in, ks, out, n_out); break;
-    default: tile<KIND, NR, MB, PREFETCH>(p, n, xm, k_in, ks, out, n_out);
-    }
+    with_row_count<MB>(std::min<int64_t>(MB, M - m0), [&](auto mr) {
+        tile<KIND, NR, decltype(mr)::value, PREFETCH>(p, n, xm, k_in, ks, out, n_out);
+    });
 }
 
 // One x row against rows [begin, end) of W, one weight row after the other with eight
@@ -314,7 +349,9 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 // the int32 sums and the unpacked codes need every vector register, and the general tile,
 // holding both sets in registers, spilled its int32 sums on every 32 codes (perf). 1.1B shapes,
 // 8 x rows, 2 threads, G multiply-adds/s, old/new alternating: int4 48-56 -> 60-72, int4g128
-// 41-55 -> 53-71, int4g32 26-32 -> 39-49.
+// 41-55 -> 53-71, int4g32 26-32 -> 39-49. On AVX-512, rows in pairs (int4_pair_sums), 4 rows
+// by 8 x rows (Zen 4, `bench/kernels.py --rows 4 8`, 8 rows: int4 49-66 -> 98-108, int4g128
+// 43-50 -> 50-72, int4g32 even; 1.1B int4 served to 8 clients 52-68 -> 76-88 tok/s).
 template <int KIND, int NR, int MR>
 inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
     const int64_t groups = p.groups_per_row;
@@ -328,7 +365,11 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
         __m256i part[NR][MR];
         for (int r = 0; r < NR; ++r)
             for (int i = 0; i < MR; ++i) part[r][i] = _mm256_setzero_si256();
-        int4_block_sums<NR, MR, true>(rows, ahead, in.xq, k_in, b, stop, part);
+#if defined(__AVX512F__)
+        if constexpr (NR % 2 == 0) int4_pair_sums<NR / 2, MR>(rows, ahead, in.xq, k_in, b, stop, part);
+        else
+#endif
+            int4_block_sums<NR, MR, true>(rows, ahead, in.xq, k_in, b, stop, part);
         __asm__ volatile("" : : "r"(&acc[0][0][0]) : "memory");
         for (int r = 0; r < NR; ++r) {
             const vec s = vset(p.scale[(n + r) * groups + g]);
@@ -344,8 +385,9 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
 // Rows [begin, end) of W against a few x rows (decode, batched decode): a single x row over 16-bit,
 // int8 or per-row int4 rows, or float32 rows up to 1024 columns, in order (rows_in_order,
 // int4_tile_one_x<1>); else eight weight rows at a time for a single x row (grouped int4: two or
-// four, int4_tile_one_x), two for batches (int4: int4_tile_few_x), whose x rows then share each
-// weight load; each weight tile is read from memory once and from L1 for the further x rows.
+// four, int4_tile_one_x), two for batches (int4: int4_tile_few_x, four on AVX-512), whose x rows
+// then share each weight load; each weight tile is read from memory once and from L1 for the
+// further x rows.
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
@@ -369,19 +411,20 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
             for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
             return;
         }
-        // each pair of weight rows meets every MB-row tile of x while it is in L1
+        // each tile of weight rows meets every tile of x rows while it is in L1: MB x rows at a
+        // time, or on AVX-512 (int4_pair_sums: 4 weight rows by 8 x rows fill its registers) 8
         auto pass = [&](auto nr, int64_t r) {
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            constexpr int XR = W == 16 ? 8 : MB;
+            for (int64_t m0 = 0; m0 < M; m0 += XR) {
                 const Input xm = xs.from(m0, k_in);
                 float *out = ys + m0 * n_out + r;
-                switch (std::min<int64_t>(MB, M - m0)) {
-                case 1: int4_tile_few_x<KIND, decltype(nr)::value, 1>(p, r, xm, k_in, out, n_out); break;
-                case 2: int4_tile_few_x<KIND, decltype(nr)::value, 2>(p, r, xm, k_in, out, n_out); break;
-                case 3: int4_tile_few_x<KIND, decltype(nr)::value, 3>(p, r, xm, k_in, out, n_out); break;
-                default: int4_tile_few_x<KIND, decltype(nr)::value, MB>(p, r, xm, k_in, out, n_out);
-                }
+                with_row_count<XR>(std::min<int64_t>(XR, M - m0), [&](auto mr) {
+                    int4_tile_few_x<KIND, decltype(nr)::value, decltype(mr)::value>(p, r, xm, k_in, out, n_out);
+                });
             }
         };
+        if constexpr (W == 16)
+            for (; n + 4 <= end; n += 4) pass(std::integral_constant<int, 4>{}, n);
         for (; n + 2 <= end; n += 2) pass(std::integral_constant<int, 2>{}, n);
         for (; n < end; ++n) pass(std::integral_constant<int, 1>{}, n);
     } else {

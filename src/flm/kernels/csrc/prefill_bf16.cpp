@@ -78,19 +78,6 @@ inline void tile(const uint16_t *const *w, const uint16_t *x, int64_t x_stride, 
         }
 }
 
-template <int R>
-inline void tile_any_x(int64_t rows_of_x, const uint16_t *const *w, const uint16_t *x, int64_t k_in, int64_t kc,
-                       float *out, int64_t n_out, bool carry) {
-    switch (rows_of_x) {
-    case 1: tile<R, 1>(w, x, k_in, kc, out, n_out, carry); break;
-    case 2: tile<R, 2>(w, x, k_in, kc, out, n_out, carry); break;
-    case 3: tile<R, 3>(w, x, k_in, kc, out, n_out, carry); break;
-    case 4: tile<R, 4>(w, x, k_in, kc, out, n_out, carry); break;
-    case 5: tile<R, 5>(w, x, k_in, kc, out, n_out, carry); break;
-    default: tile<R, MR>(w, x, k_in, kc, out, n_out, carry);
-    }
-}
-
 // Weight rows [begin, end) of one part against all M rows of xb; outputs to ys (row stride n_out).
 void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uint16_t *xb, const float *xsums,
                int64_t k_in, float *ys, int64_t n_out) {
@@ -113,9 +100,12 @@ void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uin
                 const int64_t mr = std::min<int64_t>(MR, M - m0);
                 float *out = ys + m0 * n_out + n0;
                 const uint16_t *x = xb + m0 * k_in + k0;
-                int64_t r = 0;
-                for (; r + NR <= nb; r += NR) tile_any_x<NR>(mr, rows + r, x, k_in, kc, out + r, n_out, k0 > 0);
-                for (; r < nb; ++r) tile_any_x<1>(mr, rows + r, x, k_in, kc, out + r, n_out, k0 > 0);
+                with_row_count<MR>(mr, [&](auto c) {
+                    constexpr int C = decltype(c)::value;
+                    int64_t r = 0;
+                    for (; r + NR <= nb; r += NR) tile<NR, C>(rows + r, x, k_in, kc, out + r, n_out, k0 > 0);
+                    for (; r < nb; ++r) tile<1, C>(rows + r, x, k_in, kc, out + r, n_out, k0 > 0);
+                });
             }
         }
         if (p.kind == 2)

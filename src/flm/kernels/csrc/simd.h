@@ -138,6 +138,17 @@ inline __m256i dot_add_i16(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// dot_add_i16 on 512-bit vectors (32 int16 products into 16 int32 lanes).
+inline __m512i dot_add_i16_512(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+#endif
+
 // sum(a[i] * b[i]) for any n (vector body, scalar tail)
 inline float dot(const float *a, const float *b, int64_t n) {
     vec acc = vzero();
