@@ -103,20 +103,24 @@ def test_blocked_kernel_sums_spans_of_k(name):
 @needs_native
 @pytest.mark.parametrize("name, in_features", [("int4", 8352), ("int4g32", 8320), ("int4g128", 8320)])
 def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name, in_features):
-    """A served batch decodes its sequences together (2-8 x rows: int4_tile_few_x) while a
-    request alone takes the one-row path (int4_tile_one_x; per-row int4 one row at a time in
-    int4_row_sum's four chains): both sum in one order, so greedy answers cannot depend on who
-    else is being served. 8352 columns: per-row int4 sums two 4096-blocks and a tail of 160
-    (two 64-code steps and a 32); 65 groups of 128 leave a tail after eight-group vectors."""
+    """A served batch decodes its sequences together (int4_tile_few_x, one token of each:
+    x [B, 1, K], the decode step's linear_raw(steps=true), any B) while a request alone takes the
+    one-row path (int4_tile_one_x; per-row int4 one row at a time in int4_row_sum's four chains):
+    both sum in one order, so greedy answers cannot depend on who else is being served (past 8
+    rows a prompt's blocks would sum long rows in other spans). 8352 columns: per-row int4 sums two
+    4096-blocks and a tail of 160 (two 64-code steps and a 32); 65 groups of 128 leave a tail
+    after eight-group vectors. 37 weight rows: tiles of 4, 2 and 1 (AVX-512)."""
     torch.manual_seed(11)
     w = torch.randn(37, in_features) * 0.05
     weight, _ = _weights(name, w)
     lin = make_linear(weight, (37, in_features))
     assert isinstance(lin, NativeLinear)
-    x = torch.randn(8, in_features)
-    alone = torch.cat([lin(x[i:i + 1]) for i in range(8)])
+    x = torch.randn(16, in_features)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
     for rows in (2, 3, 5, 8):
         assert torch.equal(lin(x[:rows]), alone[:rows]), rows
+    for rows in (9, 16):
+        assert torch.equal(lin(x[:rows, None]).reshape(rows, 37), alone[:rows]), rows
 
 
 @needs_native

@@ -209,15 +209,17 @@ class TritonLinear(Linear):
 def native_product(x: torch.Tensor, parts: list) -> torch.Tensor:
     """x [..., K] times compatible NativeParams, outputs side by side, as [rows, sum of n]: a
     prompt (x [batch, tokens, K] with more than 8 tokens) in bfloat16 where prompt_in_bf16 says
-    so; else the SIMD kernel up to KERNEL_ROWS x rows (each weight read once), else float32 GEMMs
-    over widened blocks (float32 weights: used as they are)."""
+    so; one token of each of several sequences (x [batch, 1, K]) as each alone would be; else the
+    SIMD kernel up to KERNEL_ROWS x rows (each weight read once), else float32 GEMMs over widened
+    blocks (float32 weights: used as they are)."""
     from .native import KERNEL_ROWS, gemm_product, linear_many, prompt_in_bf16
 
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    if x.dim() > 2 and prompt_in_bf16(parts[0].kind, x.shape[-2]):
+    tokens = x.shape[-2] if x.dim() > 2 else 0
+    if prompt_in_bf16(parts[0].kind, tokens):
         return linear_many(flat, parts, in_bf16=True)
-    if flat.shape[0] <= KERNEL_ROWS:
-        return linear_many(flat, parts)
+    if flat.shape[0] <= KERNEL_ROWS or tokens == 1:
+        return linear_many(flat, parts, steps=tokens == 1)
     return gemm_product(flat, parts)
 
 

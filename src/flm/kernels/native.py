@@ -214,7 +214,8 @@ def gemm_product(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
     return prefill_gemm(round_input_int16(x) if parts[0].rounds_input else x, parts)
 
 
-def linear_many(x: torch.Tensor, parts: list[NativeParams], in_bf16: bool = False) -> torch.Tensor:
+def linear_many(x: torch.Tensor, parts: list[NativeParams], in_bf16: bool = False, steps: bool = False) -> torch.Tensor:
     """[x W1^T | x W2^T | ...] for float32 x [M, K] in one kernel call (parts must be compatible);
-    in_bf16: multiplied in bfloat16 (see prompt_in_bf16)."""
-    return native().linear(x, *kernel_args(parts), [p.n for p in parts], parts[0].k, in_bf16)
+    in_bf16: multiplied in bfloat16 (see prompt_in_bf16); steps: the rows are one token of each
+    of M sequences, each computed as it would be alone (linear_raw in csrc/flm_kernels.h)."""
+    return native().linear(x, *kernel_args(parts), [p.n for p in parts], parts[0].k, in_bf16, steps)

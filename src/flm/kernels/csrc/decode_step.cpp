@@ -26,7 +26,7 @@ struct LinearWeights {
     int64_t n = 0, k = 0;
 
     void apply(int64_t M, const float *x, float *y) const {
-        linear_raw(parts, M, x, k, y);
+        linear_raw(parts, M, x, k, y, true);  // one token per sequence
         if (bias.numel() == 0) return;
         const float *b = bias.data_ptr<float>();
         for (int64_t i = 0; i < M; ++i) axpy(1.f, b, y + i * n, n);

@@ -29,8 +29,10 @@ Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &sc
 
 // y[M, sum of n] = x[M, K] times the weights' transposes, outputs side by side; all parts share
 // kind, K and group layout. Plain pointers: no tensor is created (the decode step calls it
-// four times per layer and ATen's per-op overhead would dominate small models).
-void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y);
+// four times per layer and ATen's per-op overhead would dominate small models). steps: the x
+// rows are different sequences' tokens (a served batch), each computed as it would be alone
+// (int4: bit for bit), never in a prompt's blocks, however many.
+void linear_raw(const std::vector<Params> &parts, int64_t M, const float *x, int64_t k_in, float *y, bool steps);
 
 // linear_raw for a prompt in bfloat16 (prefill_bf16.cpp): bf16, int8 or int4 weights, in a
 // build for AVX512-BF16 (has_prefill_bf16).
@@ -61,10 +63,10 @@ void parallel_parts(const std::vector<Params> &parts, float *y, Body &&body) {
     });
 }
 
-// The same for torch tensors; in_bf16: through linear_bf16 (a prompt).
+// The same for torch tensors; in_bf16: through linear_bf16 (a prompt), else linear_raw.
 torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
-                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16);
+                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16, bool steps);
 // Rows [row0, row1) of W as float32, written into `out` ([row1 - row0, k_in], contiguous).
 void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
                      int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out);

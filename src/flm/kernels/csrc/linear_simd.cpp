@@ -502,8 +502,8 @@ void rows_widened(const Params &p, int64_t begin, int64_t end, int64_t M, const 
 
 template <int KIND>
 void rows_any(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
-              int64_t n_out) {
-    if (M > BLOCKED_ABOVE) rows_blocked<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
+              int64_t n_out, bool blocked) {
+    if (blocked) rows_blocked<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
     else rows_for<KIND>(p, begin, end, M, xs, k_in, ys, n_out);
 }
 
@@ -564,7 +564,7 @@ Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &sc
     return p;
 }
 
-void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_t k_in, float *ys) {
+void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_t k_in, float *ys, bool steps) {
     TORCH_CHECK(k_in % 32 == 0, "K must be a multiple of 32");
     const int kind = ps[0].kind;
     int64_t n_total = 0;
@@ -573,7 +573,10 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     // each group's sums more often (once per x row) than widening touches each weight (once).
     // 1.1B shapes, 32-element groups, 128 rows: 97-108 GFLOP/s widened vs 54-63 (64 rows: 92-94
     // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
-    const bool widen = kind == 3 && M > BLOCKED_ABOVE && M >= ps[0].group;
+    // a prompt past the decode tiles' rows: cache-sized blocks (16 served sequences through the
+    // blocks gave other greedy tokens than each alone: the blocks sum long rows in other spans)
+    const bool blocked = M > BLOCKED_ABOVE && !steps;
+    const bool widen = kind == 3 && blocked && M >= ps[0].group;
     // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in order;
     // one x row against split-loaded bf16 or int8 rows: reordered, xf); quantized kinds need
     // sum(x) per group (int8: per row) for the shift term. Scratch reused across calls: the
@@ -614,14 +617,14 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             return;
         }
         switch (kind) {
-        case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-        case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
-        case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total); break;
+        case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
+        case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
+        case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
         case 3:
-            if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
-            else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+            if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
+            else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
             break;
-        default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total);
+        default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
         }
     });
 }
@@ -631,7 +634,7 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
 // parallel region instead of one per weight.
 torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
-                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16) {
+                     std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16, bool steps) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k_in,
                 "x must be contiguous float32 [M, K]");
     const size_t parts = ws.size();
@@ -645,7 +648,8 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
         n_total += n_outs[j];
     }
     auto y = torch::empty({x.size(0), n_total}, x.options());
-    (in_bf16 ? linear_bf16 : linear_raw)(ps, x.size(0), x.data_ptr<float>(), k_in, y.data_ptr<float>());
+    if (in_bf16) linear_bf16(ps, x.size(0), x.data_ptr<float>(), k_in, y.data_ptr<float>());
+    else linear_raw(ps, x.size(0), x.data_ptr<float>(), k_in, y.data_ptr<float>(), steps);
     return y;
 }
 
