@@ -81,12 +81,11 @@ def native():
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
-        module = load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                      extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
         log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])
         return None
-    return module
 
 
 def prefill_precision() -> str:

@@ -114,7 +114,8 @@ inline void int4_pair_sums(const uint8_t *const (&rows)[2 * PAIRS], int64_t ahea
             const int16_t *xb = xq + i * k_in + k;
             const __m512i xe = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)xb));
             const __m512i xo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xb + 16)));
-            for (int q = 0; q < PAIRS; ++q) sums[q][i] = dot_add_i16_512(dot_add_i16_512(sums[q][i], even[q], xe), odd[q], xo);
+            for (int q = 0; q < PAIRS; ++q)
+                sums[q][i] = dot_add_i16_512(dot_add_i16_512(sums[q][i], even[q], xe), odd[q], xo);
         }
     }
     for (int q = 0; q < PAIRS; ++q)
