@@ -3,7 +3,26 @@
 import pytest
 import torch
 
+from flm.kernels import ReferenceLinear
+from flm.quant import DType, Quantized, quantize
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+# The quantized weight types the kernel tests cover: name -> (dtype, group size).
+QUANTIZED = {"int8": (DType.INT8, 128), "int4": (DType.INT4_NOZERO, 128), "int4g32": (DType.INT4_GROUP, 32),
+             "int4g128": (DType.INT4_GROUP, 128)}
+
+
+def kernel_weights(name: str, w: torch.Tensor) -> tuple[torch.Tensor | Quantized, torch.Tensor]:
+    """(w stored as `name` — float32, bfloat16, float16 or a QUANTIZED type —, the float32
+    weights it stands for)."""
+    if name == "float32":
+        return w, w
+    if name in ("bfloat16", "float16"):
+        stored = w.to(getattr(torch, name))
+        return stored, stored.float()
+    q = quantize(w, *QUANTIZED[name])
+    return q, ReferenceLinear(q, tuple(w.shape), None).dense()
 
 
 def logits_close(got: torch.Tensor, want: torch.Tensor, relative: float) -> bool:

@@ -4,28 +4,12 @@ every weight type, decode-sized and prefill-sized inputs, and odd group layouts.
 import pytest
 import torch
 
-from checks import fused_rounds_input_once
+from checks import QUANTIZED, fused_rounds_input_once, kernel_weights
 from flm.kernels import NativeLinear, ReferenceLinear, make_linear
 from flm.kernels.native import cpu_isa, native
 from flm.quant import INT16_INPUT_DTYPES, DType, Quantized, quantize, round_input_int16
 
 needs_native = pytest.mark.skipif(cpu_isa() is None, reason="CPU has neither AVX-512 nor AVX2+FMA+F16C")
-
-QUANTIZED = {"int8": (DType.INT8, 128), "int4": (DType.INT4_NOZERO, 128), "int4g32": (DType.INT4_GROUP, 32),
-             "int4g128": (DType.INT4_GROUP, 128)}
-
-
-def _weights(name: str, w: torch.Tensor):
-    if name == "float32":
-        return w, w
-    if name == "bfloat16":
-        return w.to(torch.bfloat16), w.to(torch.bfloat16).float()
-    if name == "float16":
-        return w.to(torch.float16), w.to(torch.float16).float()
-    dtype, group = QUANTIZED[name]
-    q = quantize(w, dtype, group)
-    return q, ReferenceLinear(q, tuple(w.shape), None).dense()
-
 
 @needs_native
 def test_native_module_builds_on_this_cpu():
@@ -42,7 +26,7 @@ def test_native_linear_equals_reference(name, rows):
     torch.manual_seed(rows)
     out_features, in_features = 300, 384  # 384 = 3 groups of 128, 12 of 32
     w = torch.randn(out_features, in_features) * 0.05
-    weight, dense = _weights(name, w)
+    weight, dense = kernel_weights(name, w)
     bias = torch.randn(out_features)
     lin = make_linear(weight, (out_features, in_features), bias)
     assert isinstance(lin, NativeLinear)
@@ -67,7 +51,7 @@ def test_one_input_row_reads_rows_in_order_or_in_tiles(name, in_features):
     32 columns, read in element order; longer float32 rows go through the eight-row tiles."""
     torch.manual_seed(in_features)
     w = torch.randn(45, in_features) * 0.05
-    weight, dense = _weights(name, w)
+    weight, dense = kernel_weights(name, w)
     lin = make_linear(weight, (45, in_features))
     assert isinstance(lin, NativeLinear)
     x = torch.randn(1, in_features) * 3
@@ -89,7 +73,7 @@ def test_blocked_kernel_sums_spans_of_k(name):
     torch.manual_seed(11)
     out_features, in_features = 50, 4736
     w = torch.randn(out_features, in_features) * 0.05
-    weight, dense = _weights(name, w)
+    weight, dense = kernel_weights(name, w)
     lin = make_linear(weight, (out_features, in_features))
     assert isinstance(lin, NativeLinear)
     x = torch.randn(131, in_features)
@@ -112,7 +96,7 @@ def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name, in_features):
     after eight-group vectors. 37 weight rows: tiles of 4, 2 and 1 (AVX-512)."""
     torch.manual_seed(11)
     w = torch.randn(37, in_features) * 0.05
-    weight, _ = _weights(name, w)
+    weight, _ = kernel_weights(name, w)
     lin = make_linear(weight, (37, in_features))
     assert isinstance(lin, NativeLinear)
     x = torch.randn(16, in_features)
@@ -177,7 +161,7 @@ def test_fused_linear_equals_its_parts(name, rows):
     sizes = (96, 32, 32)
     parts = []
     for i, out_features in enumerate(sizes):
-        weight, _ = _weights(name, torch.randn(out_features, 128) * 0.05)
+        weight, _ = kernel_weights(name, torch.randn(out_features, 128) * 0.05)
         parts.append(make_linear(weight, (out_features, 128), torch.randn(out_features) if i == 0 else None))
     fused = FusedLinear(parts)
     x = torch.randn(2, rows, 128)

@@ -4,26 +4,24 @@ to bf16 exactly as documented, float32 sums; decode batches and FLM_PREFILL=floa
 import pytest
 import torch
 
+from checks import QUANTIZED, kernel_weights
 from flm.kernels import NativeLinear, make_linear
 from flm.kernels.native import cpu_isa, native
-from flm.quant import DType, quantize
 
 needs_bf16 = pytest.mark.skipif(cpu_isa() is None or native() is None or not native().has_prefill_bf16(),
                                 reason="CPU without AVX512-BF16: prompts multiply in float32")
 
-KINDS = {"bfloat16": None, "int8": (DType.INT8, 128), "int4": (DType.INT4_NOZERO, 128),
-         "int4g32": (DType.INT4_GROUP, 32), "int4g128": (DType.INT4_GROUP, 128)}
+KINDS = ["bfloat16", *QUANTIZED]
 
 
 def _linear(name: str, w: torch.Tensor) -> NativeLinear:
-    weight = w.to(torch.bfloat16) if name == "bfloat16" else quantize(w, *KINDS[name])
-    lin = make_linear(weight, tuple(w.shape))
+    lin = make_linear(kernel_weights(name, w)[0], tuple(w.shape))
     assert isinstance(lin, NativeLinear)
     return lin
 
 
 @needs_bf16
-@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("name", KINDS)
 @pytest.mark.parametrize("tokens,in_features", [(9, 384), (13, 2176), (64, 4224), (300, 384)])
 def test_prompt_equals_the_bf16_formula(monkeypatch, name, tokens, in_features):
     """x rounded to bf16; bf16 weights as they are, int8 codes exactly (scale and shift applied

@@ -6,7 +6,7 @@ rows of odd length are declined."""
 import pytest
 import torch
 
-from checks import fused_rounds_input_once
+from checks import QUANTIZED, fused_rounds_input_once
 from flm.kernels import FusedLinear, TritonLinear
 from flm.kernels import triton_linear
 from flm.kernels.triton_linear import GEMV_ROWS, TritonWeight, supports, triton_product
@@ -15,8 +15,6 @@ from flm.quant import DType, Quantized, dequantize, quantize, round_input_int16
 pytestmark = pytest.mark.skipif(triton_linear.triton is None, reason="Triton is not installed (pip install triton)")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-QUANTIZED = {"int8": (DType.INT8, 128), "int4": (DType.INT4_NOZERO, 128), "int4g32": (DType.INT4_GROUP, 32),
-             "int4g128": (DType.INT4_GROUP, 128)}
 
 
 def _on_device(q: Quantized) -> Quantized:

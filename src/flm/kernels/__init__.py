@@ -116,7 +116,8 @@ class NativeLinear(Linear):
     """float32/bf16/fp16/int8/int4 weights through the SIMD kernels: float32 activations (int4:
     rounded to 16 bits) and accumulation, up to 256 input rows (KERNEL_ROWS), each weight read
     from memory once per call; longer prompts widen blocks of weight rows to float32 for torch's
-    GEMM. The weight bytes are used in place (memory-mapped from the file)."""
+    GEMM. On AVX512-BF16 CPUs, prompts on bf16/int8/int4 weights multiply in bf16 instead
+    (native_product). The weight bytes are used in place (memory-mapped from the file)."""
 
     def __init__(self, weight: torch.Tensor | Quantized, shape: tuple[int, int], bias: torch.Tensor | None):
         from .native import NativeParams
