@@ -149,12 +149,13 @@ inline __m512i dot_add_i16_512(__m512i acc, __m512i a, __m512i b) {
 }
 #endif
 
-// sum(a[i] * b[i]) for any n (vector body, scalar tail)
+// sum(a[i] * b[i]) for any n (vector body, scalar tail; no horizontal sum below W: the int4
+// decode tiles call it per output, mostly with one group)
 inline float dot(const float *a, const float *b, int64_t n) {
     vec acc = vzero();
     int64_t i = 0;
     for (; i + W <= n; i += W) acc = vfma(vload(a + i), vload(b + i), acc);
-    float s = vsum(acc);
+    float s = n >= W ? vsum(acc) : 0.f;
     for (; i < n; ++i) s += a[i] * b[i];
     return s;
 }
