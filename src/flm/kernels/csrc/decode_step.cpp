@@ -215,11 +215,16 @@ class Decoder {
             for (int64_t b = 0; b < B; ++b)
                 rms_norm(xs + b * hidden_, layer.post_norm.data_ptr<float>(), eps_, hidden_, normed_.data() + b * hidden_);
             layer.gate_up.apply(B, normed_.data(), gate_up_.data());
-            for (int64_t b = 0; b < B; ++b) {
-                const float *g = gate_up_.data() + b * 2 * inter_, *u = g + inter_;
-                float *act = normed_.data() + b * inter_;
-                for (int64_t i = 0; i < inter_; ++i) act[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-            }
+            // SiLU(gate) * up, in parallel: the other core would wait through a batch's scalar exps
+            const float *gate_up = gate_up_.data();
+            float *act = normed_.data();
+            at::parallel_for(0, B * inter_, 2048, [&](int64_t begin, int64_t end) {
+                for (int64_t e = begin; e < end; ++e) {
+                    const int64_t b = e / inter_, i = e % inter_;
+                    const float g = gate_up[b * 2 * inter_ + i], u = gate_up[b * 2 * inter_ + inter_ + i];
+                    act[e] = g / (1.f + std::exp(-g)) * u;
+                }
+            });
             layer.down.apply(B, normed_.data(), delta_.data());
             for (int64_t i = 0; i < B * hidden_; ++i) xs[i] += delta_[i];
         }

@@ -536,40 +536,51 @@ void rows_any(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
 
 // The step of a row's 16-bit grid: max|x| / 32767 (1 for a row of zeros).
 float int16_step(const float *row, int64_t k_in) {
-    float top = 0.f;
-    for (int64_t k = 0; k < k_in; ++k) top = std::max(top, std::fabs(row[k]));
-    return top > 0.f ? top / 32767.f : 1.f;
+    vec top = vzero();
+    for (int64_t k = 0; k < k_in; k += W) top = vmax_abs(top, vload(row + k));
+    const float most = vmax(top);
+    return most > 0.f ? most / 32767.f : 1.f;
 }
+
+// round(x / s) for the W elements of x from p, as float32 (exact integers): vector division and
+// rounding to nearest even, the same numbers as quant.round_input_int16's. Scalar, the rounding
+// of a served batch's 8 rows took ~6% of its decode step.
+inline vec grid_steps(const float *p, vec s) { return vround(vdiv(vload(p), s)); }
 
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
 // grid of quant.round_input_int16), each 32-element block reordered evens-then-odds, the order
 // the int4 tiles read; sums[i, g] = s * sum of group g's xq (the rounded x's sum, exactly).
+// Rows in parallel (K is a multiple of 32).
 void round_int4_input(const float *x, int64_t M, int64_t k_in, int64_t group, int16_t *xq, float *xscale,
                       float *sums) {
-    for (int64_t i = 0; i < M; ++i) {
-        const float *row = x + i * k_in;
-        const float s = int16_step(row, k_in);
-        xscale[i] = s;
-        for (int64_t g = 0; g < k_in / group; ++g) {
-            int64_t total = 0;
-            for (int64_t b = g * group; b < (g + 1) * group; b += 32)
-                for (int j = 0; j < 32; ++j) {
-                    const int16_t q = (int16_t)std::nearbyint(row[b + j] / s);
-                    xq[i * k_in + b + (j % 2) * 16 + j / 2] = q;
-                    total += q;
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float *row = x + i * k_in;
+            const float s = int16_step(row, k_in);
+            const vec sv = vset(s);
+            xscale[i] = s;
+            for (int64_t g = 0; g < k_in / group; ++g) {
+                int64_t total = 0;
+                for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+                    alignas(64) float q[32];
+                    for (int j = 0; j < 32; j += W) vstore(q + j, grid_steps(row + b + j, sv));
+                    total += evens_then_odds_i16(q, xq + i * k_in + b);
                 }
-            sums[i * (k_in / group) + g] = s * (float)total;
+                sums[i * (k_in / group) + g] = s * (float)total;
+            }
         }
-    }
+    });
 }
 
 // The same grid as float32 in element order, s * round(x / s): what rows_widened multiplies.
 void round_input_float(const float *x, int64_t M, int64_t k_in, float *xr) {
-    for (int64_t i = 0; i < M; ++i) {
-        const float *row = x + i * k_in;
-        const float s = int16_step(row, k_in);
-        for (int64_t k = 0; k < k_in; ++k) xr[i * k_in + k] = std::nearbyint(row[k] / s) * s;
-    }
+    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float *row = x + i * k_in;
+            const vec s = vset(int16_step(row, k_in));
+            for (int64_t k = 0; k < k_in; k += W) vstore(xr + i * k_in + k, vmul(grid_steps(row + k, s), s));
+        }
+    });
 }
 
 }  // namespace

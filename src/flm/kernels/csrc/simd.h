@@ -18,6 +18,11 @@ inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vround(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vmax_abs(vec top, vec v) { return _mm512_max_ps(top, _mm512_abs_ps(v)); }
+inline float vmax(vec v) { return _mm512_reduce_max_ps(v); }
 
 inline vec load_bf16(const uint8_t *p) {
     __m256i h = _mm256_loadu_si256((const __m256i *)p);
@@ -82,6 +87,15 @@ inline float vsum(vec v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vmax_abs(vec top, vec v) { return _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v)); }
+inline float vmax(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
 
 inline vec load_bf16(const uint8_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -115,6 +129,26 @@ inline void load_u4_half(const uint8_t *p, int h, vec &even, vec &odd) {
     odd = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
 }
 #endif
+
+// 32 integers held as float32 (|q| < 2^15) -> int16, evens first then odds (the int4 tiles' x
+// order); returns their sum.
+inline int32_t evens_then_odds_i16(const float *q, int16_t *out) {
+#if defined(__AVX512F__)
+    const __m512i a = _mm512_cvtps_epi32(_mm512_loadu_ps(q)), b = _mm512_cvtps_epi32(_mm512_loadu_ps(q + 16));
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(_mm512_permutex2var_epi32(a, evens, b)));
+    _mm256_storeu_si256((__m256i *)(out + 16), _mm512_cvtepi32_epi16(_mm512_permutex2var_epi32(a, odds, b)));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+#else
+    int32_t total = 0;
+    for (int j = 0; j < 32; ++j) {
+        out[(j % 2) * 16 + j / 2] = (int16_t)q[j];
+        total += (int32_t)q[j];
+    }
+    return total;
+#endif
+}
 
 // W weights of a row stored as `kind` (the kernels' codes: 0 bf16, 1 fp16, 4 float32; 2 int8
 // codes as stored, 0..255), from element k, as float32.
