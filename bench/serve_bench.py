@@ -1,6 +1,9 @@
 """Serving throughput: 1, 4, 8 and 16 concurrent streaming clients against `flm serve`'s app
 (continuous batching), aggregate generated tokens/s, and whether every greedy answer equals the
-same prompt run alone.
+same prompt run alone. Two rates: end to end (all tokens over the whole run, the prompts'
+prefill included) and decode (the tokens streamed while every client was past its first token,
+over that window: the batched decode steps alone, since the server prefills each new prompt on
+its own).
 
     python bench/serve_bench.py                       # SmolLM2-135M-Instruct (float32)
     python bench/serve_bench.py --model llama-1.1b --dtype int4g
@@ -44,8 +47,9 @@ def start_server(path: Path, max_batch: int):
     return proc, url + "/v1/completions"
 
 
-async def stream_one(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[str, int]:
-    text, count = "", 0
+async def stream_one(http: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> tuple[str, int, list[float]]:
+    """(text, completion tokens, arrival time of each streamed piece)."""
+    text, count, arrivals = "", 0, []
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}  # ignore_eos (flm extension): every request runs full length
     async with http.stream("POST", url, json=body) as r:
@@ -56,10 +60,19 @@ async def stream_one(http: httpx.AsyncClient, url: str, prompt: str, tokens: int
                     count = event["usage"]["completion_tokens"]
                 elif event["choices"]:
                     text += event["choices"][0]["text"]
-    return text, count
+                    arrivals.append(time.perf_counter())
+    return text, count, arrivals
 
 
-async def run_clients(url: str, clients: int, tokens: int) -> tuple[float, list[tuple[str, int]]]:
+def decode_rate(results: list[tuple[str, int, list[float]]]) -> float:
+    """Pieces streamed after the last client's first piece, per second of that window."""
+    start = max(arrivals[0] for _, _, arrivals in results)
+    end = max(arrivals[-1] for _, _, arrivals in results)
+    pieces = sum(sum(1 for t in arrivals if t > start) for _, _, arrivals in results)
+    return pieces / (end - start)
+
+
+async def run_clients(url: str, clients: int, tokens: int) -> tuple[float, list[tuple[str, int, list[float]]]]:
     async with httpx.AsyncClient(timeout=600) as http:
         start = time.perf_counter()
         results = await asyncio.gather(*(stream_one(http, url, PROMPTS[i % len(PROMPTS)], tokens)
@@ -93,14 +106,16 @@ def main() -> None:
     server, url = start_server(path, max_batch=max(args.clients))
     alone = {p: asyncio.run(run_clients_single(url, p, args.tokens)) for p in PROMPTS}
     print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, 2 threads")
-    print(f"{'clients':>7} {'aggregate tok/s':>16} {'vs 1 client':>12} {'greedy = alone':>15}")
+    print(f"{'clients':>7} {'end-to-end tok/s':>17} {'vs 1 client':>12} {'decode tok/s':>13} {'vs 1 client':>12} "
+          f"{'greedy = alone':>15}")
     base = None
     for clients in args.clients:
         seconds, results = asyncio.run(run_clients(url, clients, args.tokens))
-        rate = sum(count for _, count in results) / seconds
-        base = base or rate
-        same = all(text == alone[PROMPTS[i % len(PROMPTS)]] for i, (text, _) in enumerate(results))
-        print(f"{clients:>7} {rate:>16.1f} {rate / base:>11.2f}x {str(same):>15}")
+        rates = (sum(count for _, count, _ in results) / seconds, decode_rate(results))
+        base = base or rates
+        same = all(text == alone[PROMPTS[i % len(PROMPTS)]] for i, (text, _, _) in enumerate(results))
+        print(f"{clients:>7} {rates[0]:>17.1f} {rates[0] / base[0]:>11.2f}x {rates[1]:>13.1f} "
+              f"{rates[1] / base[1]:>11.2f}x {str(same):>15}")
     server.terminate()
     server.wait()
 
