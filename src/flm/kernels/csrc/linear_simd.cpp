@@ -543,8 +543,9 @@ float int16_step(const float *row, int64_t k_in) {
 }
 
 // round(x / s) for the W elements of x from p, as float32 (exact integers): vector division and
-// rounding to nearest even, the same numbers as quant.round_input_int16's. Scalar, the rounding
-// of a served batch's 8 rows took ~6% of its decode step.
+// rounding to nearest even, the same numbers as quant.round_input_int16's. Scalar, rounding 8
+// rows took 51 us per linear at K = 2048 and 131 at 5632 (now 11 and 21), about 6 ms of a 1.1B
+// decode step's 85 for 8 sequences.
 inline vec grid_steps(const float *p, vec s) { return vround(vdiv(vload(p), s)); }
 
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
