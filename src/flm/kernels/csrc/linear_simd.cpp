@@ -314,11 +314,11 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     const int64_t groups = p.groups_per_row;
     const uint8_t *rows[NR];
     const float *scales[NR];
-    vec acc[NR];
+    __m256 acc[NR];  // the int32 sums' 8 lanes, scaled (on AVX-512 too: 512-bit vectors half zeros cost twice)
     for (int r = 0; r < NR; ++r) {
         rows[r] = p.w + (n + r) * p.row_bytes;
         scales[r] = p.scale + (n + r) * groups;
-        acc[r] = vzero();
+        acc[r] = _mm256_setzero_ps();
     }
     const int64_t ahead = NR * p.row_bytes;  // the next tile's rows, a cache line at a time
     for_int4_blocks<KIND>(p, 0, k_in, [&](int64_t b, int64_t stop, int64_t g) {
@@ -329,7 +329,8 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
             for (int r = 0; r < NR; ++r) part[r][0] = _mm256_setzero_si256();
             int4_block_sums<NR, 1, true>(rows, ahead, in.xq, k_in, b, stop, part);
         }
-        for (int r = 0; r < NR; ++r) acc[r] = vfma(widen_i32(part[r][0]), vset(scales[r][g]), acc[r]);
+        for (int r = 0; r < NR; ++r)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[r][0]), _mm256_set1_ps(scales[r][g]), acc[r]);
     });
     vec shifted[NR];
     for (int r = 0; r < NR; ++r) shifted[r] = vzero();
@@ -341,7 +342,7 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     for (int r = 0; r < NR; ++r) {  // summed in `dot`'s order: a batch's rows come out bit for bit the same
         float shift = vsum(shifted[r]);
         for (int64_t t = g; t < groups; ++t) shift += p.shift[(n + r) * groups + t] * in.sums[t];
-        out[r] = vsum(acc[r]) * in.xscale[0] + shift;
+        out[r] = vsum8(acc[r]) * in.xscale[0] + shift;
     }
 }
 
@@ -380,9 +381,9 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
     const int64_t groups = p.groups_per_row;
     const uint8_t *rows[NR];
     for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
-    alignas(64) float acc[NR][MR][W];
+    alignas(32) float acc[NR][MR][8];  // as int4_tile_one_x's
     for (int r = 0; r < NR; ++r)
-        for (int i = 0; i < MR; ++i) vstore(acc[r][i], vzero());
+        for (int i = 0; i < MR; ++i) _mm256_store_ps(acc[r][i], _mm256_setzero_ps());
     const int64_t ahead = NR * p.row_bytes;
     for_int4_blocks<KIND>(p, 0, k_in, [&](int64_t b, int64_t stop, int64_t g) {
         __m256i part[NR][MR];
@@ -395,8 +396,9 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
             int4_block_sums<NR, MR, true>(rows, ahead, in.xq, k_in, b, stop, part);
         __asm__ volatile("" : : "r"(&acc[0][0][0]) : "memory");
         for (int r = 0; r < NR; ++r) {
-            const vec s = vset(p.scale[(n + r) * groups + g]);
-            for (int i = 0; i < MR; ++i) vstore(acc[r][i], vfma(widen_i32(part[r][i]), s, vload(acc[r][i])));
+            const __m256 s = _mm256_set1_ps(p.scale[(n + r) * groups + g]);
+            for (int i = 0; i < MR; ++i)
+                _mm256_store_ps(acc[r][i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[r][i]), s, _mm256_load_ps(acc[r][i])));
         }
     });
     for (int r = 0; r < NR; ++r) {

@@ -7,6 +7,15 @@
 
 namespace flm {
 
+// The sum of 8 float lanes: lanes k + (k + 4), then 0 + 2 and 1 + 3, then those two (the same
+// additions as an AVX-512 vsum of a vector whose upper 8 lanes are zeros, bit for bit).
+inline float vsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 #if defined(__AVX512F__)
 // ------------------------------------------------------------------ AVX-512: 16 lanes
 using vec = __m512;
@@ -81,12 +90,7 @@ inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
 inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline float vsum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+inline float vsum(vec v) { return vsum8(v); }
 inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vround(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
