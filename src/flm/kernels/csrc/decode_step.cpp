@@ -219,10 +219,10 @@ class Decoder {
             const float *gate_up = gate_up_.data();
             float *act = normed_.data();
             at::parallel_for(0, B * inter_, 2048, [&](int64_t begin, int64_t end) {
-                for (int64_t e = begin; e < end; ++e) {
-                    const int64_t b = e / inter_, i = e % inter_;
-                    const float g = gate_up[b * 2 * inter_ + i], u = gate_up[b * 2 * inter_ + inter_ + i];
-                    act[e] = g / (1.f + std::exp(-g)) * u;
+                for (int64_t e = begin; e < end;) {  // act element e of row b: gate at e + b * inter_
+                    const int64_t b = e / inter_, stop = std::min(end, (b + 1) * inter_);
+                    const float *g = gate_up + b * inter_, *u = g + inter_;
+                    for (; e < stop; ++e) act[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
                 }
             });
             layer.down.apply(B, normed_.data(), delta_.data());

@@ -348,8 +348,8 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 
 // Lane j: vsum8 of the 8 floats at v[j] (an int4 tile's scaled lanes), for C <= 8 at once and bit
 // for bit: the same pairs added in the same order, lanes k + (k + 4), then 0 + 2 and 1 + 3, then
-// those two. Old/new in one process (Zen 4, 2 threads, 8 x rows, 1.1B
-// shapes), a vsum per output -> lane_sums: int4 80-100 -> 90-117 G multiply-adds/s (grouped int4,
+// those two. Old/new in one process (Zen 4, 2 threads, 8 x rows, 1.1B shapes), a vsum per
+// output -> lane_sums: int4 80-100 -> 90-117 G multiply-adds/s (grouped int4,
 // whose blocks' scaling dominates, even); 1.1B int4 decode of 8 sequences 82.7 -> 89.1 tok/s.
 // (Summing each block's int32 lanes before scaling, one float multiply-add per block and output,
 // was as fast at 8 x rows but took a single x row's grouped int4 from 34-44 to 24-33.)
