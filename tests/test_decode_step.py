@@ -63,6 +63,17 @@ def test_step_equals_layer_by_layer(request, tmp_path, dtype, source):
     _same_both_ways(model, lambda: _decode(model, PROMPT, 8), dtype)
 
 
+@pytest.mark.parametrize("head_dim", [12, 24])
+def test_head_sizes_off_the_vector_width_and_a_long_context(tmp_path, head_dim):
+    """Head sizes that 8 and 16 lanes do not divide (attention's partial vectors; 24: whole
+    vectors and a rest) and more cached positions than one block of key rows (the blocks' sums
+    carried from one to the next)."""
+    model = tiny_llama(seed=5, num_attention_heads=96 // head_dim * 2, num_key_value_heads=2, head_dim=head_dim)
+    model = _load(tmp_path, save_checkpoint(model, tmp_path / "hf"), "float32")
+    prompt = [1] + [(97 * i) % 31000 + 3 for i in range(50)]
+    _same_both_ways(model, lambda: _decode(model, prompt, 5))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "int4g"])
 def test_output_layer_in_the_step_equals_it_after(tmp_path, tiny_dir, dtype):
     """The final norm and output layer inside the C++ call (step_logits) against the step

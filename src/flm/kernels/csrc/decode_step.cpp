@@ -71,6 +71,114 @@ inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
     }
 }
 
+// Attention works on a run of query heads that share a KV head, a block of cache rows at a time
+// for all of them while the block is in L1 (one head at a time read every row from L2 again for
+// each head of its group), its dot products without a horizontal sum per key (key_dots) and its
+// exps in vectors (vexp). Against a head at a time with a dot product and an expf per key, 1.1B
+// int4, 8 sequences, old/new in one process: the step's time at 128 positions less its time at
+// 8, 6.1 -> 3.6 ms (500 positions: 17.9 -> 14.5); decode_batch at 121 positions, with SiLU's
+// vexp: one sequence 34.5 -> 37.7 tok/s, 8: 121.3 -> 130.5.
+constexpr int64_t KEY_BLOCK = 32;  // cache rows: 32 x 128 float32 (16 KB) at most for head_dim 128
+
+// out[g * n + j] = q_g . k_j for `heads` query rows q_g (dim apart) and n key rows k_j (dim
+// apart): 8 keys at a time per head, each key's products in the 8 lanes of its own accumulator,
+// lane_sums adding the 8 keys' lanes together.
+inline void key_dots(const float *q, int64_t heads, const float *k, int64_t dim, int64_t n, float *out) {
+    const int64_t body = dim / 8 * 8;
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_BLOCK)
+        for (int64_t g = 0; g < heads; ++g)
+            for (int64_t j = j0; j < std::min(n, j0 + KEY_BLOCK); j += 8)
+                with_row_count<8>(std::min<int64_t>(8, n - j), [&](auto keys) {
+                    constexpr int C = decltype(keys)::value;
+                    const float *qg = q + g * dim, *kj = k + j * dim;
+                    __m256 acc[C];
+                    for (auto &a : acc) a = _mm256_setzero_ps();
+                    for (int64_t d = 0; d < body; d += 8) {
+                        const __m256 qv = _mm256_loadu_ps(qg + d);
+                        for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + i * dim + d), acc[i]);
+                    }
+                    alignas(32) float sums[8];
+                    _mm256_store_ps(sums, lane_sums<C>(acc));
+                    for (int i = 0; i < C; ++i) {
+                        for (int64_t d = body; d < dim; ++d) sums[i] += qg[d] * kj[i * dim + d];
+                        out[g * n + j + i] = sums[i];
+                    }
+                });
+}
+
+// out_g[0, dim) = sum_j p[g * n + j] v_j for `heads` outputs (dim apart) over n value rows (dim
+// apart): per block of rows, each head's sums for four vectors of columns in registers, added in
+// the order of one multiply-add per row (as an axpy per row would).
+inline void weighted_sums(const float *p, int64_t heads, const float *v, int64_t n, int64_t dim, float *out) {
+    const int64_t body = dim / W * W;
+    for (int64_t j0 = 0; j0 < n; j0 += KEY_BLOCK) {
+        const int64_t j1 = std::min(n, j0 + KEY_BLOCK);
+        for (int64_t g = 0; g < heads; ++g)
+            for (int64_t d0 = 0; d0 < body; d0 += 4 * W)
+                with_row_count<4>(std::min<int64_t>(4, (body - d0) / W), [&](auto vectors) {
+                    constexpr int C = decltype(vectors)::value;
+                    float *o = out + g * dim + d0;
+                    vec acc[C];
+                    for (int c = 0; c < C; ++c) acc[c] = j0 == 0 ? vzero() : vload(o + c * W);
+                    for (int64_t j = j0; j < j1; ++j) {
+                        const vec pj = vset(p[g * n + j]);
+                        for (int c = 0; c < C; ++c) acc[c] = vfma(pj, vload(v + j * dim + d0 + c * W), acc[c]);
+                    }
+                    for (int c = 0; c < C; ++c) vstore(o + c * W, acc[c]);
+                });
+    }
+    for (int64_t g = 0; g < heads; ++g)
+        for (int64_t d = body; d < dim; ++d) {
+            float sum = 0.f;
+            for (int64_t j = 0; j < n; ++j) sum += p[g * n + j] * v[j * dim + d];
+            out[g * dim + d] = sum;
+        }
+}
+
+// body(i, in, out) for i = 0, W, 2W, ... < n: in(p) loads W floats from p, out(p, v) stores v's
+// lanes to p; the last, partial vector through a copy padded with `fill`, so that every element
+// goes through the same vector arithmetic.
+template <typename Body>
+inline void for_vectors(int64_t n, float fill, Body &&body) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W) body(i, vload, vstore);
+    if (i == n) return;
+    const int64_t rest = n - i;
+    auto in = [&](const float *p) {
+        alignas(64) float pad[W];
+        std::fill(pad + rest, pad + W, fill);
+        std::memcpy(pad, p, rest * 4);
+        return vload(pad);
+    };
+    auto out = [&](float *p, vec v) {
+        alignas(64) float pad[W];
+        vstore(pad, v);
+        std::memcpy(p, pad, rest * 4);
+    };
+    body(i, in, out);
+}
+
+// s[0, n) <- softmax(s * scale) in place (scale > 0); the padding of a partial vector is -inf,
+// which neither raises the maximum nor adds to the sum (vexp gives 0).
+inline void softmax(float *s, int64_t n, float scale) {
+    constexpr float NONE = -INFINITY;
+    vec top = vset(NONE);
+    for_vectors(n, NONE, [&](int64_t j, const auto &in, const auto &out) {
+        const vec v = vmul(in(s + j), vset(scale));
+        out(s + j, v);
+        top = vmax_lanes(top, v);
+    });
+    const vec shift = vset(-vmax(top));
+    vec total = vzero();
+    for_vectors(n, NONE, [&](int64_t j, const auto &in, const auto &out) {
+        const vec e = vexp(vadd(in(s + j), shift));
+        out(s + j, e);
+        total = vadd(total, e);
+    });
+    const vec sum = vset(vsum(total));
+    for_vectors(n, NONE, [&](int64_t j, const auto &in, const auto &out) { out(s + j, vdiv(in(s + j), sum)); });
+}
+
 class Decoder {
   public:
     Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps)
@@ -221,8 +329,12 @@ class Decoder {
             at::parallel_for(0, B * inter_, 2048, [&](int64_t begin, int64_t end) {
                 for (int64_t e = begin; e < end;) {  // act element e of row b: gate at e + b * inter_
                     const int64_t b = e / inter_, stop = std::min(end, (b + 1) * inter_);
-                    const float *g = gate_up + b * inter_, *u = g + inter_;
-                    for (; e < stop; ++e) act[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
+                    const float *g = gate_up + b * inter_ + e, *u = g + inter_;
+                    for_vectors(stop - e, 0.f, [&](int64_t i, const auto &in, const auto &out) {
+                        const vec gv = in(g + i);
+                        out(act + e + i, vmul(vdiv(gv, vadd(vset(1.f), vexp(vmul(gv, vset(-1.f))))), in(u + i)));
+                    });
+                    e = stop;
                 }
             });
             layer.down.apply(B, normed_.data(), delta_.data());
@@ -230,8 +342,8 @@ class Decoder {
         }
     }
 
-    // softmax(q k^T / sqrt(dim)) v for every (sequence, query head), heads sharing a KV head
-    // reading the same cache rows; one parallel region over all of them.
+    // softmax(q k^T / sqrt(dim)) v for every (sequence, query head) in one parallel region: each
+    // thread takes a run of (sequence, head) pairs, the heads in it that share a KV head together.
     void attention(int64_t B, int64_t L, int64_t l, const std::vector<torch::Tensor> &keys,
                    const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions, int64_t window,
                    int64_t qkv_n) {
@@ -239,24 +351,18 @@ class Decoder {
         const int64_t group = heads_ / kv_heads_;
         at::parallel_for(0, B * heads_, 1, [&](int64_t begin, int64_t end) {
             std::vector<float> scores;
-            for (int64_t bh = begin; bh < end; ++bh) {
+            for (int64_t bh = begin; bh < end;) {
                 const int64_t b = bh / heads_, h = bh % heads_, kvh = h / group, pos = positions[b];
-                const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-                const int64_t capacity = keys[b * L + l].size(1);
-                const float *q = qkv_.data() + b * qkv_n + h * dim_;
-                const float *k = keys[b * L + l].data_ptr<float>() + kvh * capacity * dim_;
-                const float *v = values[b * L + l].data_ptr<float>() + kvh * capacity * dim_;
-                scores.resize(pos + 1 - first);
-                float top = -INFINITY;
-                for (int64_t j = first; j <= pos; ++j) {
-                    scores[j - first] = dot(q, k + j * dim_, dim_) * scale;
-                    top = std::max(top, scores[j - first]);
-                }
-                float total = 0.f;
-                for (auto &s : scores) total += (s = std::exp(s - top));
-                float *out = attn_.data() + b * heads_ * dim_ + h * dim_;
-                std::fill(out, out + dim_, 0.f);
-                for (int64_t j = first; j <= pos; ++j) axpy(scores[j - first] / total, v + j * dim_, out, dim_);
+                const int64_t nh = std::min((kvh + 1) * group - h, end - bh);  // this run's heads of kvh
+                const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - first;
+                const int64_t rows = (kvh * keys[b * L + l].size(1) + first) * dim_;
+                scores.resize(nh * n);
+                key_dots(qkv_.data() + b * qkv_n + h * dim_, nh, keys[b * L + l].data_ptr<float>() + rows, dim_, n,
+                         scores.data());
+                for (int64_t g = 0; g < nh; ++g) softmax(scores.data() + g * n, n, scale);
+                weighted_sums(scores.data(), nh, values[b * L + l].data_ptr<float>() + rows, n, dim_,
+                              attn_.data() + b * heads_ * dim_ + h * dim_);
+                bh += nh;
             }
         });
     }

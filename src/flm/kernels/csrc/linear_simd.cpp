@@ -346,28 +346,6 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
     }
 }
 
-// Lane j: vsum8 of the 8 floats at v[j] (an int4 tile's scaled lanes), for C <= 8 at once and bit
-// for bit: the same pairs added in the same order, lanes k + (k + 4), then 0 + 2 and 1 + 3, then
-// those two. Old/new in one process (Zen 4, 2 threads, 8 x rows, 1.1B shapes), a vsum per
-// output -> lane_sums: int4 80-100 -> 90-117 G multiply-adds/s (grouped int4,
-// whose blocks' scaling dominates, even); 1.1B int4 decode of 8 sequences 82.7 -> 89.1 tok/s.
-// (Summing each block's int32 lanes before scaling, one float multiply-add per block and output,
-// was as fast at 8 x rows but took a single x row's grouped int4 from 34-44 to 24-33.)
-template <int C>
-inline __m256 lane_sums(const float *const (&v)[C]) {
-    auto at = [&](int j) { return j < C ? _mm256_loadu_ps(v[j]) : _mm256_setzero_ps(); };
-    auto halves = [&](int j) {  // [a0+a4 .. a3+a7 | b0+b4 .. b3+b7]
-        const __m256 a = at(j), b = at(j + 1);
-        return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-    };
-    auto pairs = [](__m256 ab, __m256 cd) {  // [a02 a13 c02 c13 | b02 b13 d02 d13]
-        return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
-    };
-    const __m256 ac = pairs(halves(0), halves(2)), eg = pairs(halves(4), halves(6));
-    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(ac, eg, 0x88), _mm256_shuffle_ps(ac, eg, 0xDD));  // [a c e g | b d f h]
-    return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
 // NR int4 rows against MR x rows (batched decode): int4_tile_one_x's blocks with MR x rows.
 // The NR x MR float sums stay in memory between blocks (the empty asm below keeps them there):
 // the int32 sums and the unpacked codes need every vector register, and the general tile,
@@ -376,6 +354,11 @@ inline __m256 lane_sums(const float *const (&v)[C]) {
 // 41-55 -> 53-71, int4g32 26-32 -> 39-49. On AVX-512, rows in pairs (int4_pair_sums), 4 rows
 // by 8 x rows (Zen 4, `bench/kernels.py --rows 4 8`, 8 rows: int4 49-66 -> 98-108, int4g128
 // 43-50 -> 50-72, int4g32 even; 1.1B int4 served to 8 clients 52-68 -> 76-88 tok/s).
+// A row's MR outputs are reduced together (lane_sums; a vsum per output before: Zen 4, 2
+// threads, 8 x rows, 1.1B shapes, int4 80-100 -> 90-117 G multiply-adds/s, grouped int4 even;
+// 1.1B int4 decode of 8 sequences 82.7 -> 89.1 tok/s). Summing each block's int32 lanes before
+// scaling (one float multiply-add per block and output) was as fast at 8 x rows but took a single
+// x row's grouped int4 from 34-44 to 24-33.
 template <int KIND, int NR, int MR>
 inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
     const int64_t groups = p.groups_per_row;
@@ -402,8 +385,8 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
         }
     });
     for (int r = 0; r < NR; ++r) {
-        const float *row_accs[MR];
-        for (int i = 0; i < MR; ++i) row_accs[i] = acc[r][i];
+        __m256 row_accs[MR];
+        for (int i = 0; i < MR; ++i) row_accs[i] = _mm256_load_ps(acc[r][i]);
         alignas(32) float sums[8];
         _mm256_store_ps(sums, lane_sums<MR>(row_accs));
         for (int i = 0; i < MR; ++i)
