@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -49,17 +50,32 @@ inline void with_row_count(int64_t count, F &&f) {
 }
 
 // The output rows [0, sum of n) of several parts split across threads: body(j, lo, hi, y_j) for
-// each part j's rows [lo, hi) in a thread's share, y_j its first output column.
+// each part j's rows [lo, hi) in a thread's share, y_j its first output column. chunk 0: one
+// contiguous share per thread; else chunks of that many rows, each taken by whichever thread is
+// free, so that a thread the OS preempts (for a server's HTTP thread, or a client on the same
+// cores) delays the layer by its current chunk rather than by its whole share. 1.1B int4, old and
+// new in one process, decode_batch of one sequence: 40.7 -> 46.9 tok/s (with a background load
+// waking every 12 ms: 35.0 -> 41.1), 8 sequences even; served to 8 clients by one in-process
+// server, 8 alternating rounds: median 109.9 -> 112.8 tok/s, slowest round 93.1 -> 108.2.
 template <typename Body>
-void parallel_parts(const std::vector<Params> &parts, float *y, Body &&body) {
+void parallel_parts(const std::vector<Params> &parts, float *y, int64_t chunk, Body &&body) {
     std::vector<int64_t> offsets(parts.size() + 1, 0);
     for (size_t j = 0; j < parts.size(); ++j) offsets[j + 1] = offsets[j] + parts[j].n;
-    at::parallel_for(0, offsets.back(), 16, [&](int64_t begin, int64_t end) {
+    const int64_t total = offsets.back();
+    auto rows = [&](int64_t begin, int64_t end) {
         for (size_t j = 0; j < parts.size(); ++j) {
             const int64_t lo = std::max(begin, offsets[j]) - offsets[j];
             const int64_t hi = std::min(end, offsets[j + 1]) - offsets[j];
             if (lo < hi) body(j, lo, hi, y + offsets[j]);
         }
+    };
+    if (chunk == 0) {
+        at::parallel_for(0, total, 16, rows);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (int64_t begin; (begin = next.fetch_add(chunk)) < total;) rows(begin, std::min(total, begin + chunk));
     });
 }
 

@@ -133,7 +133,7 @@ void linear_bf16(const std::vector<Params> &ps, int64_t M, const float *x, int64
     // this thread's scratch, by pointer: the name would mean each worker's own thread_local
     const uint16_t *xr = xb.data();
     const float *xsums = sums.data();
-    parallel_parts(ps, ys, [&](size_t j, int64_t lo, int64_t hi, float *yj) {
+    parallel_parts(ps, ys, 0, [&](size_t j, int64_t lo, int64_t hi, float *yj) {
         rows_bf16(ps[j], lo, hi, M, xr, xsums, k_in, yj, n_total);
     });
 }
