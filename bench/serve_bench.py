@@ -3,7 +3,9 @@
 same prompt run alone. Two rates: end to end (all tokens over the whole run, the prompts'
 prefill included) and decode (the tokens streamed while every client was past its first token,
 over that window: the batched decode steps alone, since the server prefills each new prompt on
-its own).
+its own). The client counts run in turn, `--rounds` times (a shared VM's speed drifts by tens of
+percent over minutes: one pass per count compared moments that differed), and each rate is the
+median of its rounds.
 
     python bench/serve_bench.py                       # SmolLM2-135M-Instruct (float32)
     python bench/serve_bench.py --model llama-1.1b --dtype int4g
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import json
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,6 +89,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3, help="passes over the client counts (medians)")
     args = parser.parse_args()
     import torch
 
@@ -105,17 +109,23 @@ def main() -> None:
                                           progress=False))
     server, url = start_server(path, max_batch=max(args.clients))
     alone = {p: asyncio.run(run_clients_single(url, p, args.tokens)) for p in PROMPTS}
-    print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, 2 threads")
+    print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, 2 threads, "
+          f"medians of {args.rounds} rounds")
+    runs: dict[int, list[tuple[float, float]]] = {clients: [] for clients in args.clients}
+    same = dict.fromkeys(args.clients, True)
+    for _ in range(args.rounds):
+        for clients in args.clients:
+            seconds, results = asyncio.run(run_clients(url, clients, args.tokens))
+            runs[clients].append((sum(count for _, count, _ in results) / seconds, decode_rate(results)))
+            same[clients] &= all(text == alone[PROMPTS[i % len(PROMPTS)]] for i, (text, _, _) in enumerate(results))
     print(f"{'clients':>7} {'end-to-end tok/s':>17} {'vs 1 client':>12} {'decode tok/s':>13} {'vs 1 client':>12} "
           f"{'greedy = alone':>15}")
     base = None
     for clients in args.clients:
-        seconds, results = asyncio.run(run_clients(url, clients, args.tokens))
-        rates = (sum(count for _, count, _ in results) / seconds, decode_rate(results))
+        rates = tuple(statistics.median(rate[k] for rate in runs[clients]) for k in range(2))
         base = base or rates
-        same = all(text == alone[PROMPTS[i % len(PROMPTS)]] for i, (text, _, _) in enumerate(results))
         print(f"{clients:>7} {rates[0]:>17.1f} {rates[0] / base[0]:>11.2f}x {rates[1]:>13.1f} "
-              f"{rates[1] / base[1]:>11.2f}x {str(same):>15}")
+              f"{rates[1] / base[1]:>11.2f}x {str(same[clients]):>15}")
     server.terminate()
     server.wait()
 
