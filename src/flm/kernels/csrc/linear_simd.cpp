@@ -398,8 +398,9 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
         __m256 row_accs[MR];
         for (int i = 0; i < MR; ++i) row_accs[i] = _mm256_load_ps(acc[r][i]);
         alignas(32) float shift[8] = {}, y[8];
-        if (groups == 1) {  // per-row int4: the shift term is one product (dot's, exactly)
-            _mm256_store_ps(shift, _mm256_mul_ps(_mm256_set1_ps(p.shift[n + r]), _mm256_load_ps(xsum)));
+        if (groups == 1) {  // per-row int4: the shift term is one product, added to zero as in dot
+            const __m256 product = _mm256_mul_ps(_mm256_set1_ps(p.shift[n + r]), _mm256_load_ps(xsum));
+            _mm256_store_ps(shift, _mm256_add_ps(_mm256_setzero_ps(), product));
         } else {
             for (int i = 0; i < MR; ++i) shift[i] = dot(p.shift + (n + r) * groups, in.sums + i * groups, groups);
         }
