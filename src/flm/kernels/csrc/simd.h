@@ -242,7 +242,7 @@ inline vec vexp(vec x) {
 }
 
 // sum(a[i] * b[i]) for any n (vector body, scalar tail; no horizontal sum below W: the int4
-// decode tiles call it per output, mostly with one group)
+// tiles' shift terms call it per output, over a row's groups, one for per-row int4 prompts)
 inline float dot(const float *a, const float *b, int64_t n) {
     vec acc = vzero();
     int64_t i = 0;
