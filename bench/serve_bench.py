@@ -9,6 +9,7 @@ median of its rounds.
 
     python bench/serve_bench.py                       # SmolLM2-135M-Instruct (float32)
     python bench/serve_bench.py --model llama-1.1b --dtype int4g
+    python bench/serve_bench.py --model llama-1.1b --dtype float16 --device cuda
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PROMPTS = ["Tell me about rivers.", "Explain photosynthesis.", "Describe a cat."
            "Write about the sea.", "Why is the sky blue?", "Describe a city at night.", "What are stars?"]
 
 
-def start_server(path: Path, max_batch: int):
+def start_server(path: Path, max_batch: int, device: str):
     """`flm serve` in its own process, as users run it (the clients here would otherwise share its GIL)."""
     import subprocess
 
@@ -38,7 +39,7 @@ def start_server(path: Path, max_batch: int):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "flm", "serve", str(path), "--port", str(port), "--model-name",
-                             "bench", "--max-batch", str(max_batch), "--max-tokens", "512"],
+                             "bench", "--max-batch", str(max_batch), "--max-tokens", "512", "--device", device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3, help="passes over the client counts (medians)")
+    parser.add_argument("--device", default="cpu", help="where the server runs the model: cpu or cuda")
     args = parser.parse_args()
     import torch
 
@@ -107,9 +109,10 @@ def main() -> None:
     if not path.exists():
         convert(src, path, ConvertOptions(dtype=args.dtype, group_size=32 if args.model == "smollm2" else 128,
                                           progress=False))
-    server, url = start_server(path, max_batch=max(args.clients))
+    server, url = start_server(path, max(args.clients), args.device)
     alone = {p: asyncio.run(run_clients_single(url, p, args.tokens)) for p in PROMPTS}
-    print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, 2 threads, "
+    where = "2 threads" if args.device == "cpu" else args.device
+    print(f"model {args.model} {args.dtype}, {args.tokens} tokens per request, {where}, "
           f"medians of {args.rounds} rounds")
     runs: dict[int, list[tuple[float, float]]] = {clients: [] for clients in args.clients}
     same = dict.fromkeys(args.clients, True)

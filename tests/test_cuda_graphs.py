@@ -63,34 +63,66 @@ def test_fixed_shape_step_equals_eager_step(files, window, fused):
 
 
 @needs_triton
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_batched_decode_equals_torch_batched_decode(files, window):
+    """decode_batch (the server's step) through the fused kernels, one launch per layer for
+    all sequences, against its torch spelling: three sequences at different positions whose
+    caches (initially 8 slots) grow at different steps, so the address table changes."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llm.model(files["float32"], reference=True, device=device).model
+    model.cfg.sliding_window = window
+
+    def run(fused: bool) -> torch.Tensor:
+        model.fused_attention = fused
+        caches = [model.new_cache(1, 64, initial=8) for _ in range(3)]
+        prompts = [PROMPT[:3], PROMPT, PROMPT[:7]]
+        tokens = [int(model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
+        out = []
+        for _ in range(6):
+            logits = model.decode_batch(tokens, caches)
+            tokens = logits.argmax(-1).tolist()
+            out.append(logits.float().cpu())
+        return torch.stack(out)
+
+    assert logits_close(run(True), run(False), 1e-5)
+
+
+@needs_triton
 @pytest.mark.parametrize("dim", [16, 24])  # 24: neither half nor whole a power of two (masked lanes)
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("position", [0, 3, 31, 32, 39])  # 31/32: the ends of the first block of slots
 def test_fused_attention_kernels_equal_torch_formulas(dim, window, position):
+    """One launch for three sequences, each with its own cache (capacities 40, 48, 33) and
+    position (the parametrized one, 17 and 0), two layers: each written and read in its own."""
     torch.manual_seed(position)
-    heads, kv_heads, capacity = 6, 2, 40
+    heads, kv_heads, layers = 6, 2, 2
+    capacities, positions = [40, 48, 33], [position, 17, 0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    keys, values = torch.randn(2, 1, kv_heads, capacity, dim, device=device)
-    qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * dim, device=device)
-    cos, sin = torch.randn(2, capacity, dim, device=device)
-    want_keys, want_values = keys.clone(), values.clone()
+    keys = [[torch.randn(1, kv_heads, c, dim, device=device) for _ in range(layers)] for c in capacities]
+    values = [[torch.randn(1, kv_heads, c, dim, device=device) for _ in range(layers)] for c in capacities]
+    want_keys, want_values = ([[t.clone() for t in seq] for seq in store] for store in (keys, values))
+    qkv = torch.randn(len(capacities), 1, (heads + 2 * kv_heads) * dim, device=device)
+    cos, sin = torch.randn(2, 64, dim, device=device)
 
-    pos = torch.tensor([position], device=device)
-    q = triton_decode.rotary_store(qkv, cos, sin, pos, keys, values, heads)
-    attn = triton_decode.decode_attention(q, keys, values, pos, window)
+    caches = triton_decode.CacheAddresses(keys, values)
+    pos = torch.tensor(positions, device=device)
+    q = triton_decode.rotary_store(qkv, cos, sin, pos, caches, 1, heads)
+    attn = triton_decode.decode_attention(q, caches, 1, pos, window)
 
-    q_ref, k_ref, v_ref = (t.reshape(1, 1, -1, dim).transpose(1, 2)
-                           for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
-    q_ref = apply_rotary(q_ref, cos[position][None, None], sin[position][None, None])
-    want_keys[:, :, position] = apply_rotary(k_ref, cos[position][None, None], sin[position][None, None])[:, :, 0]
-    want_values[:, :, position] = v_ref[:, :, 0]
-    slots = torch.arange(capacity, device=device)
-    visible = (slots <= position) & (slots > position - window if window else True)
-    want = _single_query_attention(q_ref, want_keys, want_values, visible=visible)[0, :, 0]
-    torch.testing.assert_close(q, q_ref[0, :, 0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(keys, want_keys, rtol=1e-6, atol=1e-6)
-    assert torch.equal(values, want_values)
-    torch.testing.assert_close(attn, want, rtol=1e-5, atol=1e-5)
+    for s, (p, capacity) in enumerate(zip(positions, capacities)):
+        q_ref, k_ref, v_ref = (t.reshape(1, 1, -1, dim).transpose(1, 2)
+                               for t in qkv[s].split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+        q_ref = apply_rotary(q_ref, cos[p][None, None], sin[p][None, None])
+        want_keys[s][1][:, :, p] = apply_rotary(k_ref, cos[p][None, None], sin[p][None, None])[:, :, 0]
+        want_values[s][1][:, :, p] = v_ref[:, :, 0]
+        slots = torch.arange(capacity, device=device)
+        visible = (slots <= p) & (slots > p - window if window else True)
+        want = _single_query_attention(q_ref, want_keys[s][1], want_values[s][1], visible=visible)[0, :, 0]
+        torch.testing.assert_close(q[s], q_ref[0, :, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn[s], want, rtol=1e-5, atol=1e-5)
+        for layer in range(layers):  # layer 0 untouched
+            torch.testing.assert_close(keys[s][layer], want_keys[s][layer], rtol=1e-6, atol=1e-6)
+            assert torch.equal(values[s][layer], want_values[s][layer])
 
 
 @needs_gpu

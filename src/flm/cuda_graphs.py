@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kernels import triton_decode
+
 if TYPE_CHECKING:
     from .model import KVCache, Transformer
 
@@ -32,9 +34,10 @@ class GraphedStep:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         cos_table, sin_table = tables
         keys, values = list(cache.keys), list(cache.values)  # the tensors, not the cache: no cycle
+        addresses = triton_decode.CacheAddresses([keys], [values]) if model.fused_attention else None
 
         def step() -> torch.Tensor:
-            return model.decode_in_place(self.token, self.position, cos_table, sin_table, keys, values)
+            return model.decode_in_place(self.token, self.position, cos_table, sin_table, keys, values, addresses)
 
         self._step = step
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -130,8 +130,10 @@ class Transformer:
         self.lm_head = lm_head
         self.rotary = Rotary(cfg)
         self.device = device
-        # one-token steps in one C++ call when every layer is on the SIMD kernels (else None)
-        self.decode_step = build_decode_step(cfg, layers, norm, lm_head, embed)
+        # one-token steps in one C++ call when every layer is on the SIMD kernels (else None; on a
+        # GPU not even compiled)
+        on_cpu = embed.device.type == "cpu"
+        self.decode_step = build_decode_step(cfg, layers, norm, lm_head, embed) if on_cpu else None
         # on a GPU, one-sequence decode steps replay a CUDA graph (FLM_CUDA_GRAPHS=0: eager)
         self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
         # ... whose attention is two Triton kernels per layer where the linears are Triton's too
@@ -263,19 +265,17 @@ class Transformer:
         return attention
 
     def decode_in_place(self, token: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
-                        sin_table: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+                        sin_table: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                        addresses: triton_decode.CacheAddresses | None = None) -> torch.Tensor:
         """One token of one sequence with every shape fixed by the cache's capacity and every input
         a tensor where the model lies (what a CUDA graph records): token [1, 1], position [1],
         cos/sin tables [capacity, head_dim] of every slot's angles. Writes the token's keys and
-        values at `position`; returns logits [1, 1, vocab]. With `fused_attention`, two Triton
-        kernels per layer (triton_decode); else torch ops over the whole cache, the slots the
-        query does not see masked."""
+        values at `position`; returns logits [1, 1, vocab]. With `fused_attention` (given the
+        cache's `addresses`), two Triton kernels per layer (triton_decode); else torch ops over
+        the whole cache, the slots the query does not see masked."""
         cfg = self.cfg
         if self.fused_attention:
-            def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
-                q = triton_decode.rotary_store(layer.qkv(h), cos_table, sin_table, position, keys[i], values[i],
-                                               cfg.num_attention_heads)
-                return triton_decode.decode_attention(q, keys[i], values[i], position, cfg.sliding_window).view(1, 1, -1)
+            attention = self._fused_attention(addresses, position, cos_table, sin_table)
         else:
             slots = torch.arange(keys[0].shape[2], device=position.device)
             visible = slots <= position
@@ -292,11 +292,25 @@ class Transformer:
         x = self._layers(self.embed(token), attention)
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))
 
+    def _fused_attention(self, caches: triton_decode.CacheAddresses, positions: torch.Tensor,
+                         cos_table: torch.Tensor, sin_table: torch.Tensor) -> Attention:
+        """The attention of _layers for one new token per sequence in Triton's two kernels per
+        layer: RoPE and the cache write, then attention over each sequence's visible slots."""
+        cfg = self.cfg
+
+        def attention(i: int, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+            q = triton_decode.rotary_store(layer.qkv(h), cos_table, sin_table, positions, caches, i,
+                                           cfg.num_attention_heads)
+            return triton_decode.decode_attention(q, caches, i, positions, cfg.sliding_window).view(h.shape[0], 1, -1)
+
+        return attention
+
     @torch.inference_mode()
     def decode_batch(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
         """One decode step for several sequences at once, each with its own cache and position.
         The linear layers see all rows together (weights are read once per step); attention runs
-        per sequence. Returns logits [B, vocab]."""
+        per sequence (on a GPU with Triton, all sequences in one launch per layer). Returns logits
+        [B, vocab]."""
         cfg = self.cfg
         batch = len(tokens)
         for cache in caches:
@@ -308,11 +322,19 @@ class Transformer:
             return logits[:, 0]
         device = self.embed.device
         x = self.embed(torch.tensor(tokens, device=device)).view(batch, 1, -1)
-        cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[c.length]], device=device)) for c in caches))
-        cos, sin = torch.cat(cos), torch.cat(sin)
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        x = self._layers(x, self._rotated_attention(
-            cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window)))
+        positions = [c.length for c in caches]
+        tables = self.rotary.tables(max(positions) + 1, device) if self.fused_attention else None
+        if tables is not None:
+            addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
+            attention = self._fused_attention(addresses, torch.tensor(positions, device=device), *tables)
+        else:
+            # each sequence's own angles (dynamic NTK's depend on its length)
+            cos, sin = zip(*(self.rotary.cos_sin(torch.tensor([[p]], device=device)) for p in positions))
+            cos, sin = torch.cat(cos), torch.cat(sin)
+            groups = cfg.num_attention_heads // cfg.num_key_value_heads
+            attention = self._rotated_attention(
+                cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window))
+        x = self._layers(x, attention)
         for cache in caches:
             cache.length += 1
         return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]

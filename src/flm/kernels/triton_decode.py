@@ -8,8 +8,11 @@ replaced the split, both rotate-halfs, the cos/sin lookups and the cache writes)
 `decode_attention` runs softmax(q k^T / sqrt(d)) v over the cache up to the position, in
 blocks with a running maximum (it replaced the two matmuls, the scale, the mask and the
 softmax, and it reads only the visible slots where the torch step covered the whole cache).
-Both read the position from a device tensor, so one recorded graph serves every step.
-Float32 throughout, the formulas of `rope.apply_rotary` and `model._single_query_attention`;
+Both read the position from a device tensor, so one recorded graph serves every step. One
+launch serves a batch of sequences too (the server's step), each at its own position in its own
+cache, found through a device table of the caches' addresses (`CacheAddresses`): the torch
+spelling of that step ran a cache write and an attention per sequence and layer, some 20 kernels
+per sequence and layer. Float32 throughout, the formulas of `rope.apply_rotary` and `model._single_query_attention`;
 tests compare them through Triton's interpreter on the CPU.
 """
 
@@ -23,12 +26,18 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _rotary_store(qkv_ptr, cos_ptr, sin_ptr, position_ptr, q_out_ptr, keys_ptr, values_ptr, capacity,
+    def _cache_base(addresses_ptr, seq, which: tl.constexpr):
+        """Sequence seq's keys (which 0) or values (1) of this layer: a float32 pointer from the table."""
+        return tl.load(addresses_ptr + 2 * seq + which).to(tl.pointer_type(tl.float32))
+
+    @triton.jit
+    def _rotary_store(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, q_out_ptr, addresses_ptr, capacities_ptr,
                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF_BLOCK: tl.constexpr):
-        """Program h < HEADS rotates query head h into q_out; program HEADS + j rotates key head
-        j into keys[j, position] and copies value head j into values[j, position]."""
-        head = tl.program_id(0)
-        pos = tl.load(position_ptr)
+        """Program (s, h), sequence s: h < HEADS rotates query head h into q_out; h = HEADS + j
+        rotates key head j into s's keys[j, position] and copies value head j into its values."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        pos = tl.load(positions_ptr + seq)
         half = DIM // 2
         i = tl.arange(0, HALF_BLOCK)
         inside = i < half
@@ -36,15 +45,17 @@ if triton is not None:
         cos2 = tl.load(cos_ptr + pos * DIM + half + i, mask=inside, other=0.0)
         sin1 = tl.load(sin_ptr + pos * DIM + i, mask=inside, other=0.0)
         sin2 = tl.load(sin_ptr + pos * DIM + half + i, mask=inside, other=0.0)
+        row = qkv_ptr + seq * (HEADS + 2 * KV_HEADS) * DIM
         if head < HEADS:
-            src = qkv_ptr + head * DIM
-            dst = q_out_ptr + head * DIM
+            src = row + head * DIM
+            dst = q_out_ptr + (seq * HEADS + head) * DIM
         else:
             kv_head = head - HEADS
-            src = qkv_ptr + (HEADS + kv_head) * DIM
-            dst = keys_ptr + (kv_head * capacity + pos) * DIM
-            v_src = qkv_ptr + (HEADS + KV_HEADS + kv_head) * DIM
-            v_dst = values_ptr + (kv_head * capacity + pos) * DIM
+            slot = (kv_head * tl.load(capacities_ptr + seq) + pos) * DIM
+            src = row + (HEADS + kv_head) * DIM
+            dst = _cache_base(addresses_ptr, seq, 0) + slot
+            v_src = row + (HEADS + KV_HEADS + kv_head) * DIM
+            v_dst = _cache_base(addresses_ptr, seq, 1) + slot
             tl.store(v_dst + i, tl.load(v_src + i, mask=inside), mask=inside)
             tl.store(v_dst + half + i, tl.load(v_src + half + i, mask=inside), mask=inside)
         x1 = tl.load(src + i, mask=inside, other=0.0)
@@ -54,19 +65,23 @@ if triton is not None:
         tl.store(dst + half + i, x2 * cos2 + x1 * sin2, mask=inside)
 
     @triton.jit
-    def _decode_attention(q_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, capacity, window, scale,
-                          GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-        """One query head per program over its KV head's slots first..position (first > 0 only
-        under a sliding window), BLOCK_L slots at a time with a running maximum and sum."""
-        head = tl.program_id(0)
+    def _decode_attention(q_ptr, addresses_ptr, capacities_ptr, positions_ptr, out_ptr, window, scale,
+                          HEADS: tl.constexpr, GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_L: tl.constexpr):
+        """Program (s, h): query head h of sequence s over its KV head's slots first..position
+        (first > 0 only under a sliding window), BLOCK_L slots at a time with a running maximum
+        and sum."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
         kv_head = head // GROUP
-        pos = tl.load(position_ptr)
+        pos = tl.load(positions_ptr + seq)
         first = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
         d = tl.arange(0, BLOCK_D)
         in_dim = d < DIM
-        q = tl.load(q_ptr + head * DIM + d, mask=in_dim, other=0.0)
-        k_base = keys_ptr + kv_head * capacity * DIM
-        v_base = values_ptr + kv_head * capacity * DIM
+        q = tl.load(q_ptr + (seq * HEADS + head) * DIM + d, mask=in_dim, other=0.0)
+        head_start = kv_head * tl.load(capacities_ptr + seq) * DIM
+        k_base = _cache_base(addresses_ptr, seq, 0) + head_start
+        v_base = _cache_base(addresses_ptr, seq, 1) + head_start
         top = tl.zeros([1], dtype=tl.float32) - float("inf")
         total = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -83,7 +98,7 @@ if triton is not None:
             total = total * shrink + tl.sum(weights, axis=0)
             acc = acc * shrink + tl.sum(weights[:, None] * v, axis=0)
             top = new_top
-        tl.store(out_ptr + head * DIM + d, acc / total, mask=in_dim)
+        tl.store(out_ptr + (seq * HEADS + head) * DIM + d, acc / total, mask=in_dim)
 
 
 BLOCK_SLOTS = 32  # cache slots per attention block
@@ -94,29 +109,50 @@ def applies(device: torch.device) -> bool:
     return available() and device.type == "cuda"
 
 
-def rotary_store(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, position: torch.Tensor,
-                 keys: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
-    """qkv [q heads + 2 kv heads times head_dim] float32 of one token; cos/sin tables [capacity,
-    head_dim]; keys/values [1, kv_heads, capacity, head_dim] float32. Writes the rotated key and
-    the value at `position` ([1], on the device); returns the rotated query [heads, head_dim]."""
-    _, kv_heads, capacity, dim = keys.shape
-    qkv = qkv.reshape(-1).contiguous()
-    assert qkv.numel() == (heads + 2 * kv_heads) * dim and keys.is_contiguous() and values.is_contiguous()
-    q = torch.empty(heads, dim, device=qkv.device, dtype=torch.float32)
-    _rotary_store[(heads + kv_heads,)](qkv, cos_table, sin_table, position, q, keys, values, capacity,
-                                       HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
-                                       HALF_BLOCK=triton.next_power_of_2(dim // 2))
+class CacheAddresses:
+    """Where each sequence's keys and values lie, layer by layer, for kernels that serve several
+    sequences in one launch although each has its own cache tensors (of its own capacity): a
+    device table of their addresses [layers, sequences, 2] and of the capacities [sequences].
+    Made once per cache storage (a CUDA graph's step replays over one) or per batched step (the
+    server's sequences come and go); it holds the tensors, so the addresses stay valid."""
+
+    def __init__(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]):
+        """keys[s][i], values[s][i]: sequence s's layer i, [1, kv_heads, capacity, head_dim]
+        float32, contiguous, on the GPU (or on the CPU for Triton's interpreter)."""
+        first = keys[0][0]
+        self.kv_heads, self.head_dim = first.shape[-3], first.shape[-1]
+        for tensor in (t for seq in keys + values for t in seq):
+            assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.shape[-3] == self.kv_heads
+        self.tensors = (keys, values)
+        table = [[[k.data_ptr(), v.data_ptr()] for k, v in zip(seq_keys, seq_values)]
+                 for seq_keys, seq_values in zip(keys, values)]  # [sequences, layers, 2]
+        self.table = torch.tensor(table, dtype=torch.int64).transpose(0, 1).contiguous().to(first.device)
+        self.capacities = torch.tensor([seq[0].shape[-2] for seq in keys], dtype=torch.int64).to(first.device)
+
+
+def rotary_store(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
+                 caches: CacheAddresses, layer: int, heads: int) -> torch.Tensor:
+    """qkv [sequences, q heads + 2 kv heads times head_dim] float32, one token per sequence;
+    cos/sin tables [rows > every position, head_dim]. Writes each sequence's rotated key and its
+    value at its position (`positions` [sequences], on the device) into its cache of `layer`;
+    returns the rotated queries [sequences, heads, head_dim]."""
+    sequences, kv_heads, dim = caches.capacities.shape[0], caches.kv_heads, caches.head_dim
+    qkv = qkv.reshape(sequences, -1).contiguous()
+    assert qkv.shape[1] == (heads + 2 * kv_heads) * dim and positions.shape == (sequences,)
+    q = torch.empty(sequences, heads, dim, device=qkv.device, dtype=torch.float32)
+    _rotary_store[(sequences, heads + kv_heads)](qkv, cos_table, sin_table, positions, q, caches.table[layer],
+                                                 caches.capacities, HEADS=heads, KV_HEADS=kv_heads, DIM=dim,
+                                                 HALF_BLOCK=triton.next_power_of_2(dim // 2))
     return q
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
+def decode_attention(q: torch.Tensor, caches: CacheAddresses, layer: int, positions: torch.Tensor,
                      window: int | None) -> torch.Tensor:
-    """q [heads, head_dim] over the cache slots up to `position` (the last `window` of them with
-    a sliding window): attention [heads, head_dim]."""
-    heads, dim = q.shape
-    _, kv_heads, capacity, _ = keys.shape
+    """q [sequences, heads, head_dim], each sequence over its cache's slots up to its position
+    (the last `window` of them with a sliding window): attention [sequences, heads, head_dim]."""
+    sequences, heads, dim = q.shape
     out = torch.empty_like(q)
-    _decode_attention[(heads,)](q, keys, values, position, out, capacity, window or 0, dim ** -0.5,
-                                GROUP=heads // kv_heads, DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
-                                BLOCK_L=BLOCK_SLOTS)
+    _decode_attention[(sequences, heads)](q, caches.table[layer], caches.capacities, positions, out, window or 0,
+                                          dim ** -0.5, HEADS=heads, GROUP=heads // caches.kv_heads, DIM=dim,
+                                          BLOCK_D=triton.next_power_of_2(dim), BLOCK_L=BLOCK_SLOTS)
     return out
