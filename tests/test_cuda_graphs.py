@@ -10,7 +10,7 @@ import torch
 from checks import logits_close, needs_gpu
 from flm import llm
 from flm.convert import ConvertOptions, convert
-from flm.cuda_graphs import GraphedStep
+from flm.cuda_graphs import GraphedBatch, GraphedStep
 from flm.kernels import triton_decode
 from flm.model import _single_query_attention
 from flm.rope import apply_rotary
@@ -62,27 +62,65 @@ def test_fixed_shape_step_equals_eager_step(files, window, fused):
     assert logits_close(_steps(model, 8, fixed_shape=True), _steps(model, 8, fixed_shape=False), 1e-5)
 
 
+def _served(model, steps: int, step) -> torch.Tensor:
+    """Logits of greedy batched steps as the server runs them: three sequences at different
+    positions whose caches (initially 8 slots) grow at different steps; after three steps the
+    second leaves and a fourth, fresh one takes the first place, so the same batch size meets
+    other caches. step(tokens, caches) -> logits [batch, vocab]."""
+    caches = [model.new_cache(1, 64, initial=8) for _ in range(3)]
+    prompts = [PROMPT[:3], PROMPT, PROMPT[:7]]
+    tokens = [int(model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
+    out = []
+    for i in range(steps):
+        if i == 3:
+            fresh = model.new_cache(1, 64, initial=8)
+            caches = [fresh, caches[0], caches[2]]
+            tokens = [int(model.forward(torch.tensor([PROMPT[:5]]), fresh)[0, -1].argmax()), tokens[0], tokens[2]]
+        logits = step(tokens, caches)
+        tokens = logits.argmax(-1).tolist()
+        out.append(logits.float().cpu())
+    return torch.stack(out)
+
+
+@needs_triton
+def test_batch_graph_step_equals_eager_batched_decode(files):
+    """The graphed batch's step function called directly (as its warm-up before recording),
+    its address table refilled for each step's caches, against decode_batch's torch spelling."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = llm.model(files["float32"], reference=True, device=device).model
+    graphed = None
+
+    def fixed_shape(tokens, caches):
+        nonlocal graphed
+        for cache in caches:
+            cache.reserve(cache.length + 1)
+        tables = model.rotary.tables(64, caches[0].keys[0].device)
+        graphed = graphed or GraphedBatch(model, caches, tables)  # one for every step: the table is refilled
+        graphed.fill(tokens, caches)
+        with torch.inference_mode():
+            logits = graphed._step()
+        for cache in caches:
+            cache.length += 1
+        return logits[:, 0]
+
+    model.fused_attention = True
+    got = _served(model, 6, fixed_shape)
+    model.fused_attention = False
+    assert logits_close(got, _served(model, 6, model.decode_batch), 1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("window", [None, 5])
 def test_fused_batched_decode_equals_torch_batched_decode(files, window):
     """decode_batch (the server's step) through the fused kernels, one launch per layer for
-    all sequences, against its torch spelling: three sequences at different positions whose
-    caches (initially 8 slots) grow at different steps, so the address table changes."""
+    all sequences (on a GPU replayed from a graph), against its torch spelling."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llm.model(files["float32"], reference=True, device=device).model
     model.cfg.sliding_window = window
 
     def run(fused: bool) -> torch.Tensor:
         model.fused_attention = fused
-        caches = [model.new_cache(1, 64, initial=8) for _ in range(3)]
-        prompts = [PROMPT[:3], PROMPT, PROMPT[:7]]
-        tokens = [int(model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
-        out = []
-        for _ in range(6):
-            logits = model.decode_batch(tokens, caches)
-            tokens = logits.argmax(-1).tolist()
-            out.append(logits.float().cpu())
-        return torch.stack(out)
+        return _served(model, 6, model.decode_batch)
 
     assert logits_close(run(True), run(False), 1e-5)
 
@@ -150,3 +188,19 @@ def test_graph_is_recorded_once_per_cache_storage(files):
     assert cache.graph_step is not None and cache.graph_step is not first
     model.forward(torch.tensor([[7]]), cache)
     assert cache.graph_step.graph is not None
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "int4g"])
+def test_batch_graph_replay_equals_eager_on_gpu(files, dtype):
+    model = llm.model(files[dtype], device="cuda").model
+
+    def run(graphs: bool) -> torch.Tensor:
+        model.graph_batches = graphs
+        return _served(model, 6, model.decode_batch)
+
+    assert logits_close(run(True), run(False), 1e-4)
+    recorded = model.batch_graphs[3]
+    assert recorded.graph is not None
+    run(True)  # other caches, grown at other steps: the same recording replays
+    assert model.batch_graphs[3] is recorded

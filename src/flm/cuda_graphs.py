@@ -1,4 +1,4 @@
-"""CUDA graphs for one-sequence decode.
+"""CUDA graphs for decode steps: one sequence's (per cache) and the server's batches (per size).
 
 On a GPU the eager decode step is about a thousand small kernels launched one by one from
 Python, so it is bound by launch overhead, not by the GPU (the 1.1B model decoded 48 tok/s in
@@ -8,12 +8,14 @@ replays the whole step in one call. It is recorded over the cache's current stor
 every shape fixed by its capacity: RoPE comes from a table of every slot's angles, the token and
 position are device tensors filled before each replay, and attention reads the slots up to the
 position (`kernels/triton_decode.py`; without Triton, torch ops cover all slots and mask the
-ones the query does not see).
+ones the query does not see). The server's batched steps replay one graph per batch size whose
+kernels find each sequence's cache through a table of addresses refilled before each replay
+(`GraphedBatch`; with Triton only; opt-in, FLM_BATCH_GRAPHS=1, until timed on a GPU).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -53,17 +55,59 @@ class GraphedStep:
         return self.logits.clone()  # the next replay overwrites the graph's output
 
     def _record(self) -> None:
-        # warm-up on a side stream first (torch's recipe: lazy initialisations stay out of the
-        # graph); it writes this position's keys and values exactly as the replay then does
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.graph = graph
+        self.graph, self.logits = _record(self._step, self.device)
+
+
+class GraphedBatch:
+    """Decode steps of `batch` sequences, each in its own cache (the server's step), replayed
+    from one graph per batch size: the fused kernels find the caches through an address table
+    (`triton_decode.CacheAddresses`) that is refilled before each replay, so sequences joining,
+    leaving or growing their caches need no new recording. Recorded over the model's rotary
+    tables; made again when those grow."""
+
+    def __init__(self, model: Transformer, caches: list[KVCache], tables: tuple[torch.Tensor, torch.Tensor]):
+        device = caches[0].keys[0].device
+        self.device, self.batch, self.tables = device, len(caches), tables
+        self.tokens = torch.zeros((self.batch, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self.addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
+
+        def step() -> torch.Tensor:
+            return model.decode_in_place(self.tokens, self.positions, *tables, [], [], self.addresses)
+
+        self._step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fill(self, tokens: list[int], caches: list[KVCache]) -> None:
+        """The step's inputs: each sequence's token, position (its cache's length) and cache."""
+        self.tokens.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1))
+        self.positions.copy_(torch.tensor([c.length for c in caches], dtype=torch.long))
+        self.addresses.point_to([c.keys for c in caches], [c.values for c in caches])
+
+    def __call__(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Logits [batch, 1, vocab]; each token's keys and values land in its sequence's cache."""
+        self.fill(tokens, caches)
+        if self.graph is None:
+            self.graph, self.logits = _record(self._step, self.device)
+        self.graph.replay()
+        self.addresses.forget()
+        return self.logits.clone()
+
+
+def _record(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A graph of step() and the tensor its replays write the output to. A warm-up on a side
+    stream first (torch's recipe: lazy initialisations stay out of the graph); it writes the
+    step's keys and values exactly as the replay then does."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def graphed_step(model: Transformer, cache: KVCache) -> GraphedStep | None:
@@ -78,3 +122,19 @@ def graphed_step(model: Transformer, cache: KVCache) -> GraphedStep | None:
             return None
         cache.graph_step = GraphedStep(model, cache, tables)
     return cache.graph_step
+
+
+def graphed_batch(model: Transformer, caches: list[KVCache]) -> GraphedBatch | None:
+    """The model's graphed step for this many sequences (made on first use, again when the
+    rotary tables grow), or None where it does not apply: off CUDA, switched off (or not on:
+    FLM_BATCH_GRAPHS), without the fused kernels (Triton), or dynamic NTK past the trained length."""
+    device = model.embed.device
+    if not (model.cuda_graphs and model.graph_batches and model.fused_attention) or device.type != "cuda":
+        return None
+    tables = model.rotary.tables(max(c.length for c in caches) + 1, device)
+    if tables is None:
+        return None
+    graphed = model.batch_graphs.get(len(caches))
+    if graphed is None or graphed.tables[0] is not tables[0]:
+        graphed = model.batch_graphs[len(caches)] = GraphedBatch(model, caches, tables)
+    return graphed

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .cuda_graphs import graphed_step
+from .cuda_graphs import GraphedBatch, graphed_batch, graphed_step
 from .errors import ContextOverflowError, FlmFormatError
 from .families import canonical_shapes
 from .format.flm import FlmFile
@@ -138,6 +138,10 @@ class Transformer:
         self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
         # ... whose attention is two Triton kernels per layer where the linears are Triton's too
         self.fused_attention = triton_decode.applies(torch.device(device))
+        # the server's steps replayed from a graph per batch size (cuda_graphs.GraphedBatch): opt-in
+        # with FLM_BATCH_GRAPHS=1 until timed on a GPU (tested there only through the CPU's interpreter)
+        self.graph_batches = os.environ.get("FLM_BATCH_GRAPHS", "0") == "1"
+        self.batch_graphs: dict[int, GraphedBatch] = {}
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -267,12 +271,13 @@ class Transformer:
     def decode_in_place(self, token: torch.Tensor, position: torch.Tensor, cos_table: torch.Tensor,
                         sin_table: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
                         addresses: triton_decode.CacheAddresses | None = None) -> torch.Tensor:
-        """One token of one sequence with every shape fixed by the cache's capacity and every input
-        a tensor where the model lies (what a CUDA graph records): token [1, 1], position [1],
-        cos/sin tables [capacity, head_dim] of every slot's angles. Writes the token's keys and
-        values at `position`; returns logits [1, 1, vocab]. With `fused_attention` (given the
-        cache's `addresses`), two Triton kernels per layer (triton_decode); else torch ops over
-        the whole cache, the slots the query does not see masked."""
+        """One token per sequence with every shape fixed and every input a tensor where the model
+        lies (what a CUDA graph records): tokens [sequences, 1], positions [sequences], cos/sin
+        tables [rows, head_dim] of every slot's angles. Writes the tokens' keys and values at
+        their positions; returns logits [sequences, 1, vocab]. With `fused_attention` (given the
+        caches' `addresses`), two Triton kernels per layer (triton_decode); else, for one
+        sequence, torch ops over its whole cache `keys`/`values`, the slots the query does not
+        see masked."""
         cfg = self.cfg
         if self.fused_attention:
             attention = self._fused_attention(addresses, position, cos_table, sin_table)
@@ -317,6 +322,12 @@ class Transformer:
             cache.reserve(cache.length + 1)
         if self.decode_step is not None:
             logits = self._one_token_logits(tokens, [c.sequence_views(0) for c in caches], [c.length for c in caches])
+            for cache in caches:
+                cache.length += 1
+            return logits[:, 0]
+        graphed = graphed_batch(self, caches)
+        if graphed is not None:
+            logits = graphed(tokens, caches)
             for cache in caches:
                 cache.length += 1
             return logits[:, 0]

@@ -121,13 +121,32 @@ class CacheAddresses:
         float32, contiguous, on the GPU (or on the CPU for Triton's interpreter)."""
         first = keys[0][0]
         self.kv_heads, self.head_dim = first.shape[-3], first.shape[-1]
-        for tensor in (t for seq in keys + values for t in seq):
-            assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tensor.shape[-3] == self.kv_heads
+        table, capacities = self._host_tables(keys, values)
+        self.table, self.capacities = table.to(first.device), capacities.to(first.device)
         self.tensors = (keys, values)
+
+    def point_to(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> None:
+        """Refill the tables in place with as many other caches (a recorded graph reads them)."""
+        table, capacities = self._host_tables(keys, values)
+        self.table.copy_(table)
+        self.capacities.copy_(capacities)
+        self.tensors = (keys, values)
+
+    def forget(self) -> None:
+        """Let go of the caches once the kernels that read them are queued (a graph kept for the
+        next batch of this size would otherwise keep finished sequences' caches alive): the
+        allocator hands their memory out again only in that stream's order, after those kernels."""
+        self.tensors = None
+
+    def _host_tables(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]):
+        for tensor in (t for seq in keys + values for t in seq):
+            assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+            assert tensor.shape[-3] == self.kv_heads and tensor.shape[-1] == self.head_dim
         table = [[[k.data_ptr(), v.data_ptr()] for k, v in zip(seq_keys, seq_values)]
                  for seq_keys, seq_values in zip(keys, values)]  # [sequences, layers, 2]
-        self.table = torch.tensor(table, dtype=torch.int64).transpose(0, 1).contiguous().to(first.device)
-        self.capacities = torch.tensor([seq[0].shape[-2] for seq in keys], dtype=torch.int64).to(first.device)
+        capacities = [seq[0].shape[-2] for seq in keys]
+        return (torch.tensor(table, dtype=torch.int64).transpose(0, 1).contiguous(),
+                torch.tensor(capacities, dtype=torch.int64))
 
 
 def rotary_store(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,
