@@ -279,26 +279,32 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
 }
 
 // The int32 sums of one int4 row against one x row over columns [c, stop) (multiples of 32):
-// int4_block_sums for a single row, in four chains (the even and odd codes of alternate
-// 32-blocks) so that one row keeps the multiply-add units busy; the chains add up to
-// int4_block_sums' lanes exactly. Fetches 512 bytes ahead, a cache line at a time.
+// int4_block_sums for a single row, 128 codes (a cache line) per pass in eight chains, so that
+// one row keeps the multiply-add units busy (vpdpwssd's latency); integer sums, so the chains add
+// up to int4_block_sums' lanes exactly. Fetches 512 bytes ahead, a cache line per pass.
 inline __m256i int4_row_sum(const uint8_t *row, const int16_t *xq, int64_t c, int64_t stop) {
     const __m256i low = _mm256_set1_epi16(0xF);
-    __m256i part[4];
+    __m256i part[8];
     for (auto &v : part) v = _mm256_setzero_si256();
     auto step = [&](int64_t k, __m256i &even_sum, __m256i &odd_sum) {
-        if ((k / 2) % 64 == 0) _mm_prefetch((const char *)row + k / 2 + 512, _MM_HINT_T0);
         const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k / 2)));
         even_sum = dot_add_i16(even_sum, _mm256_srli_epi16(v, 4), _mm256_loadu_si256((const __m256i *)(xq + k)));
         odd_sum = dot_add_i16(odd_sum, _mm256_and_si256(v, low), _mm256_loadu_si256((const __m256i *)(xq + k + 16)));
     };
     int64_t k = c;
-    for (; k + 64 <= stop; k += 64) {
-        step(k, part[0], part[1]);
-        step(k + 32, part[2], part[3]);
+    for (; k + 128 <= stop; k += 128) {
+        _mm_prefetch((const char *)row + k / 2 + 512, _MM_HINT_T0);
+        for (int j = 0; j < 4; ++j) step(k + 32 * j, part[2 * j], part[2 * j + 1]);
     }
-    if (k < stop) step(k, part[0], part[1]);
-    return _mm256_add_epi32(_mm256_add_epi32(part[0], part[1]), _mm256_add_epi32(part[2], part[3]));
+    for (; k < stop; k += 32) {  // a block shorter than a pass (groups of 32 or 64)
+        if ((k / 2) % 64 == 0) _mm_prefetch((const char *)row + k / 2 + 512, _MM_HINT_T0);
+        step(k, part[0], part[1]);
+    }
+    for (int j = 2; j < 8; j += 2) {
+        part[0] = _mm256_add_epi32(part[0], part[j]);
+        part[1] = _mm256_add_epi32(part[1], part[j + 1]);
+    }
+    return _mm256_add_epi32(part[0], part[1]);
 }
 
 // One x row against NR int4 rows (decode): block after block of each row (for_int4_blocks), the

@@ -203,7 +203,8 @@ inline vec load_stored(int kind, const uint8_t *row, int64_t k) {
 // same exactly (the int4 kernels multiply codes 0..15, which never saturate).
 inline __m256i dot_add_i16(__m256i acc, __m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(acc, a, b);
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));  // in place: see dot_add_i16_512
+    return acc;
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
