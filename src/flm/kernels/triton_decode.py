@@ -12,8 +12,8 @@ Both read the position from a device tensor, so one recorded graph serves every 
 launch serves a batch of sequences too (the server's step), each at its own position in its own
 cache, found through a device table of the caches' addresses (`CacheAddresses`): the torch
 spelling of that step ran a cache write and an attention per sequence and layer, some 20 kernels
-per sequence and layer. Float32 throughout, the formulas of `rope.apply_rotary` and `model._single_query_attention`;
-tests compare them through Triton's interpreter on the CPU.
+per sequence and layer. Float32 throughout, the formulas of `rope.apply_rotary` and
+`model._single_query_attention`; tests compare them through Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
