@@ -1,4 +1,4 @@
-"""The `flm` commands that print for people: chat (under a pipe), tokenize, prompt, templates."""
+"""The `flm` commands that print for people: chat (under a pipe), tokenize, prompt, templates, --help."""
 
 import io
 import re
@@ -65,3 +65,19 @@ def test_templates_command(capsys):
     assert main(["templates"]) == 0
     out = capsys.readouterr().out
     assert "llama2-chat:" in out and "user_role" in out and "'[INST] '" in out
+
+
+def test_help_lists_every_environment_variable_the_code_reads(capsys):
+    """`flm --help` names each FLM_* switch that the sources read from the environment."""
+    from pathlib import Path
+
+    import flm
+
+    read = set()
+    for source in Path(flm.__file__).parent.rglob("*.py"):
+        read |= set(re.findall(r"environ\.get\(\"(FLM_[A-Z_]+)\"", source.read_text()))
+    assert {"FLM_CACHE", "FLM_KERNELS", "FLM_BATCH_GRAPHS"} <= read
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert not [name for name in sorted(read) if name not in out]
