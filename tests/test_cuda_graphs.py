@@ -113,7 +113,7 @@ def test_batch_graph_step_equals_eager_batched_decode(files):
 @pytest.mark.parametrize("window", [None, 5])
 def test_fused_batched_decode_equals_torch_batched_decode(files, window):
     """decode_batch (the server's step) through the fused kernels, one launch per layer for
-    all sequences (on a GPU replayed from a graph), against its torch spelling."""
+    all sequences, against its torch spelling."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llm.model(files["float32"], reference=True, device=device).model
     model.cfg.sliding_window = window
