@@ -67,9 +67,9 @@ class GraphedBatch:
 
     def __init__(self, model: Transformer, caches: list[KVCache], tables: tuple[torch.Tensor, torch.Tensor]):
         device = caches[0].keys[0].device
-        self.device, self.batch, self.tables = device, len(caches), tables
-        self.tokens = torch.zeros((self.batch, 1), dtype=torch.long, device=device)
-        self.positions = torch.zeros(self.batch, dtype=torch.long, device=device)
+        self.device, self.tables = device, tables
+        self.tokens = torch.zeros((len(caches), 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros(len(caches), dtype=torch.long, device=device)
         self.addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
 
         def step() -> torch.Tensor:

@@ -316,23 +316,23 @@ class Transformer:
         The linear layers see all rows together (weights are read once per step); attention runs
         per sequence (on a GPU with Triton, all sequences in one launch per layer). Returns logits
         [B, vocab]."""
-        cfg = self.cfg
-        batch = len(tokens)
         for cache in caches:
             cache.reserve(cache.length + 1)
         if self.decode_step is not None:
             logits = self._one_token_logits(tokens, [c.sequence_views(0) for c in caches], [c.length for c in caches])
-            for cache in caches:
-                cache.length += 1
-            return logits[:, 0]
-        graphed = graphed_batch(self, caches)
-        if graphed is not None:
-            logits = graphed(tokens, caches)
-            for cache in caches:
-                cache.length += 1
-            return logits[:, 0]
+        else:
+            graphed = graphed_batch(self, caches)
+            logits = graphed(tokens, caches) if graphed is not None else self._eager_batch_logits(tokens, caches)
+        for cache in caches:
+            cache.length += 1
+        return logits[:, 0]
+
+    def _eager_batch_logits(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """decode_batch's step in torch ops (attention in the fused kernels where they apply)
+        -> logits [B, 1, vocab]; each token's keys and values land at its cache's length."""
+        cfg = self.cfg
         device = self.embed.device
-        x = self.embed(torch.tensor(tokens, device=device)).view(batch, 1, -1)
+        x = self.embed(torch.tensor(tokens, device=device)).view(len(tokens), 1, -1)
         positions = [c.length for c in caches]
         tables = self.rotary.tables(max(positions) + 1, device) if self.fused_attention else None
         if tables is not None:
@@ -345,10 +345,7 @@ class Transformer:
             groups = cfg.num_attention_heads // cfg.num_key_value_heads
             attention = self._rotated_attention(
                 cos, sin, lambda i, q, k, v: _decode_attention(i, q, k, v, caches, groups, cfg.sliding_window))
-        x = self._layers(x, attention)
-        for cache in caches:
-            cache.length += 1
-        return self.lm_head(rms_norm(x, self.norm, cfg.rms_norm_eps))[:, 0]
+        return self.lm_head(rms_norm(self._layers(x, attention), self.norm, cfg.rms_norm_eps))
 
     def _one_token_logits(self, tokens: list[int], views: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
                           positions: list[int]) -> torch.Tensor:
