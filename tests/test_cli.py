@@ -44,6 +44,30 @@ def test_chat_under_a_pipe(chat_flm, monkeypatch, capsys):
     assert prompts[1][1][0][0] == "hello"
 
 
+def test_threads_option_sets_the_cpu_threads(chat_flm, monkeypatch, capsys):
+    """-t/--threads (fastllm's -t) reaches torch before the model runs; 0 is refused by argparse."""
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    original = llm.model.generate_ids
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "generate_ids", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    try:
+        assert main(["chat", str(chat_flm), "--max-length", "2", "-t", "1"]) == 0
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["bench", str(chat_flm), "--threads", "0"])
+    assert "0 threads: give 1 or more" in capsys.readouterr().err
+
+
 def test_tokenize_command(chat_flm, capsys):
     assert main(["tokenize", str(chat_flm), "Hello world"]) == 0
     out = capsys.readouterr().out.splitlines()

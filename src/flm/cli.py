@@ -42,8 +42,6 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import bandwidth_gbs, device_label, measure_flm, report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = measure_flm(args.file, args.prompt, args.gen, args.device)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
@@ -133,11 +131,27 @@ def _load_model(path: str | None, device: str = "cpu"):
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.8,
+                   help="sample from the most likely tokens whose probabilities add up to P (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0 = no cut; 1 = greedy)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty on tokens already seen (default 1.0 = off)")
     p.add_argument("--max-length", type=int, default=512, help="new tokens per answer at most")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed the sampler: the same seed gives the same answers")
+
+
+def _thread_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} threads: give 1 or more")
+    return value
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    """Where a command runs the model: device and CPU threads."""
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("-t", "--threads", type=_thread_count,
+                   help="CPU threads (default: torch's, one per core; fastllm's -t)")
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -275,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("file", nargs="?", help=".flm file (default: the built-in SmolLM2, converted once)")
     chat.add_argument("--template", help="use this preset instead of the file's (see `flm templates`)")
     chat.add_argument("--system", help="a system message for the conversation")
-    chat.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _runtime_args(chat)
     _sampling_args(chat)
     chat.set_defaults(func=_chat)
 
@@ -290,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     srv.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     srv.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
-    srv.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _runtime_args(srv)
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="measure prefill/decode speed, memory and bandwidth use of a .flm",
@@ -301,8 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("file")
     bench.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     bench.add_argument("--gen", type=int, default=64, help="generated tokens (default 64)")
-    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    bench.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    _runtime_args(bench)
     bench.add_argument("--no-bandwidth", action="store_true", help="skip the 2 GB bandwidth measurement")
     bench.set_defaults(func=_bench)
 
@@ -317,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="flm: %(message)s",
                         stream=sys.stderr)
     try:
+        if getattr(args, "threads", None):
+            from .llm import set_cpu_threads
+
+            set_cpu_threads(args.threads)
         return args.func(args)
     except FlmError as exc:
         print(f"flm: error: {exc}", file=sys.stderr)
