@@ -169,6 +169,65 @@ def test_internlm2_packed_wqkv(tmp_path):
         assert logits_close(ours, theirs, 1e-4), dtype
 
 
+INTERNLM2_CONFIG = {
+    "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False, "hidden_size": 64,
+    "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 2,
+    "rms_norm_eps": 1e-5, "vocab_size": 32000, "max_position_embeddings": 12, "rope_theta": 1000000,
+    "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": False}
+
+
+def _fastllm_written(path, state, dtype):
+    """A .flm laid out as fastllm's llamalike2flm writes InternLM2 (torch2flm: the state_dict's
+    own names, str() of each config value with rope_scaling flattened, fastllm's payloads)."""
+    from fastllm_layout import flm_file, tensor_record
+    from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+
+    kv = {k: str(v) for k, v in INTERNLM2_CONFIG.items() if k != "rope_scaling"}
+    kv.update({"rope_scaling.type": "dynamic", "rope_scaling.factor": "2.0", "tokenizer_use_score": "1"})
+    vocab = fastllm_vocab_from_tokenizer_json(load_tokenizer_json((LLAMA2_TOKENIZER / "tokenizer.json").read_text()))
+    records = []
+    for name, t in state.items():
+        linear = t.dim() == 2 and "tok_embeddings" not in name and "embed_tokens" not in name
+        records.append(tensor_record(name, t.float().numpy(), dtype if linear else "float32", group_cnt=32))
+    path.write_bytes(flm_file(kv, [(e.piece, e.token_id, e.score) for e in vocab.entries], records))
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "int4", "int4g"])
+def test_fastllm_written_internlm2_file(tmp_path, dtype):
+    """fastllm's converter keeps InternLM2's names and packed wqkv: loading such a file splits
+    wqkv into q/k/v rows in the stored dtype, giving exactly the model that a file with LLaMA
+    names and separate q/k/v of the same weights gives (and transformers' logits for float16)."""
+    reference = tiny_llama(seed=7, num_attention_heads=8, num_key_value_heads=2, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}, max_position_embeddings=12)
+    state = reference.state_dict()
+    packed = _fastllm_written(tmp_path / "internlm2.flm", _pack_internlm2(state, 2, 8, 2, 8), dtype)
+    plain = _fastllm_written(tmp_path / "plain.flm", state, dtype)
+    assert "model.layers.0.attention.wqkv.weight" in read_flm(packed).tensors
+    ours = _logits_flm(packed)
+    assert torch.equal(ours, _logits_flm(plain))
+    if dtype == "float16":
+        assert logits_close(ours, _logits_hf(_half_weights(reference)), 1e-4)
+    m = llm.model(packed)
+    assert m.model_type == "internlm2" and m.config.rope_scaling.kind == "dynamic"
+    m.save(tmp_path / "saved.flm")  # written back with canonical names, q/k/v apart
+    saved = read_flm(tmp_path / "saved.flm").tensors
+    assert "model.layers.1.self_attn.k_proj.weight" in saved and "output.weight" not in saved
+    assert torch.equal(_logits_flm(tmp_path / "saved.flm"), ours)
+
+
+def test_fastllm_written_internlm2_file_with_wrong_wqkv(tmp_path):
+    from flm.errors import FlmFormatError
+
+    reference = tiny_llama(seed=7, num_attention_heads=8, num_key_value_heads=2)
+    packed = _pack_internlm2(reference.state_dict(), 2, 8, 2, 8)
+    packed["model.layers.1.attention.wqkv.weight"] = packed["model.layers.1.attention.wqkv.weight"][:-8]
+    path = _fastllm_written(tmp_path / "bad.flm", packed, "float16")
+    with pytest.raises(FlmFormatError, match=r"wqkv.weight has shape \[88, 64\]; the config implies 96 rows"):
+        llm.model(path)
+
+
 def test_yulan_style_delta_merge(tmp_path):
     base = tiny_llama(seed=8)
     finetuned = tiny_llama(seed=9, vocab_size=32008)

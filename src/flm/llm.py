@@ -35,6 +35,8 @@ def get_cpu_threads() -> int:
 
 
 def _config_from_kv(flm: FlmFile) -> ModelConfig:
+    """The model config a file carries (flm's normalized one, or fastllm's raw keys); for the
+    latter its tensors also get their canonical names."""
     if NORMALIZED_KEY in flm.kv:
         try:
             return ModelConfig.from_json(flm.kv[NORMALIZED_KEY])
@@ -42,7 +44,10 @@ def _config_from_kv(flm: FlmFile) -> ModelConfig:
             raise FlmFormatError(flm.path, f"stored flm.config is invalid: {exc}") from None
     raw: dict[str, Any] = dict(flm.kv)
     raw.setdefault("model_type", "llama")
-    return find_family(raw).config(raw)
+    family = find_family(raw)
+    cfg = family.config(raw)
+    family.adopt_file_names(flm, cfg)  # a fastllm-written file: the checkpoint's own tensor names
+    return cfg
 
 
 def _checked_device(device: str | torch.device | None) -> str:

@@ -8,13 +8,14 @@ tensors), checking every shape against the config before anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
 from ..config import ModelConfig, as_int_list, as_str_list, parse_scalar, require, rope_from_dict
 from ..errors import CheckpointError
+from ..format.flm import FlmFile
 from ..format.hf import TensorSource
 
 LINEAR, EMBEDDING, PLAIN = "linear", "embedding", "plain"
@@ -147,6 +148,14 @@ class Family:
                 )
             out.append(OutputTensor(name, shape, tensor_kind(name), read))
         return out
+
+    def adopt_file_names(self, flm: FlmFile, cfg: ModelConfig) -> None:
+        """Give the tensors of a fastllm-written file their canonical names: fastllm's writer keeps
+        the checkpoint's own (InternLM2's `model.tok_embeddings.weight`, ...); flm's are canonical."""
+        for name in canonical_shapes(cfg):
+            src = self.source_name(name)
+            if name not in flm.tensors and src != name and src in flm.tensors:
+                flm.tensors[name] = replace(flm.tensors.pop(src), name=name)
 
     def reader(self, source: TensorSource, available: set[str], cfg: ModelConfig, name: str):
         """(shape, read) for a canonical tensor, or None when the checkpoint lacks it."""

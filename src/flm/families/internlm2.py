@@ -2,7 +2,8 @@
 
 wqkv rows are grouped per KV head: for each of the `num_key_value_heads` groups, the
 `num_attention_heads / num_key_value_heads` query heads, then one key head, then one value head,
-each `head_dim` rows. Splitting undoes that interleave; every other tensor is a rename.
+each `head_dim` rows. Splitting undoes that interleave; every other tensor is a rename. The same
+holds when loading a .flm that fastllm's own converter wrote (it keeps these names and the pack).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, parse_scalar
+from ..errors import FlmFormatError
+from ..format.flm import FlmFile, rows_of
 from ..format.hf import TensorSource
 from .base import Family
 
@@ -64,6 +67,26 @@ class InternLM2Family(Family):
         if module in QKV:
             return f"model.layers.{index}.attention.wqkv.{kind}"
         return canonical
+
+    def adopt_file_names(self, flm: FlmFile, cfg: ModelConfig) -> None:
+        """fastllm's llamalike2flm keeps InternLM2's names and its packed wqkv (fastllm splits it per
+        step); here each wqkv (and its bias) becomes q, k and v rows once, at load."""
+        for index in range(cfg.num_hidden_layers):
+            for kind in ("weight", "bias"):
+                packed = f"model.layers.{index}.attention.wqkv.{kind}"
+                rec = flm.tensors.get(packed)
+                if rec is None:
+                    continue
+                expected = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+                if not rec.dims or rec.dims[0] != expected:
+                    raise FlmFormatError(flm.path, f"tensor {packed} has shape {list(rec.dims)}; the config implies "
+                                                   f"{expected} rows (q, k and v heads of {cfg.head_dim})")
+                parts = split_wqkv(torch.arange(expected), cfg)
+                for module, part in QKV.items():
+                    name = f"model.layers.{index}.{module}.{kind}"
+                    flm.tensors[name] = rows_of(flm, rec, parts[part], name)
+                del flm.tensors[packed]
+        super().adopt_file_names(flm, cfg)
 
     def reader(self, source: TensorSource, available: set[str], cfg: ModelConfig, name: str):
         src = self.source_name(name)

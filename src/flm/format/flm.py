@@ -25,7 +25,7 @@ import os
 import struct
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -61,6 +61,7 @@ class TensorRecord:
     group_cnt: int = 0
     mins: torch.Tensor | None = None
     maxs: torch.Tensor | None = None
+    memory: torch.Tensor | None = None  # the bytes, when built at load (rows_of) instead of mapped
 
     @property
     def quantized(self) -> bool:
@@ -90,6 +91,8 @@ class FlmFile:
 
     def raw(self, rec: TensorRecord) -> torch.Tensor:
         """The stored bytes of a tensor as a uint8 tensor backed by the map (no copy)."""
+        if rec.memory is not None:
+            return rec.memory
         if rec.data_nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         with warnings.catch_warnings():
@@ -131,6 +134,28 @@ class FlmFile:
             except BufferError:
                 pass  # tensors still share the map; it closes when they are gone
             self._map = None
+
+
+def rows_of(flm: FlmFile, rec: TensorRecord, rows: torch.Tensor, name: str) -> TensorRecord:
+    """Rows `rows` of a stored 1-D or 2-D tensor as a new record named `name`, bytes copied into
+    memory in the stored dtype (quantized rows keep their codes and ranges): how a packed tensor
+    that fastllm's writer kept whole (InternLM2's wqkv) becomes the separate q, k and v."""
+    count = rec.dims[0] if rec.dims else 0
+    cols = int(np.prod(rec.dims[1:], dtype=np.int64)) if len(rec.dims) > 1 else 1
+    if len(rec.dims) not in (1, 2) or (rec.dtype in (DType.INT4, DType.INT4_NOZERO, DType.INT4_GROUP) and cols % 2):
+        raise FlmFormatError(flm.path, f"tensor {rec.name} of shape {list(rec.dims)} ({rec.dtype.name}) "
+                                       "cannot be split into rows")
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= count):
+        raise FlmFormatError(flm.path, f"tensor {rec.name} has {count} rows, fewer than its split needs")
+    row_bytes = rec.data_nbytes // count if count else 0
+    data = flm.raw(rec).view(count, row_bytes).index_select(0, rows).reshape(-1)
+    ranges = {}
+    if rec.quantized:
+        per_row = rec.mins.numel() // count  # a range per row, or per group of a row
+        ranges = {key: getattr(rec, key).view(count, per_row).index_select(0, rows).reshape(-1)
+                  for key in ("mins", "maxs")}
+    return replace(rec, name=name, dims=(len(rows), *rec.dims[1:]), data_offset=0, data_nbytes=data.numel(),
+                   memory=data, **ranges)
 
 
 class _Cursor:
