@@ -224,8 +224,36 @@ def test_fastllm_written_internlm2_file_with_wrong_wqkv(tmp_path):
     packed = _pack_internlm2(reference.state_dict(), 2, 8, 2, 8)
     packed["model.layers.1.attention.wqkv.weight"] = packed["model.layers.1.attention.wqkv.weight"][:-8]
     path = _fastllm_written(tmp_path / "bad.flm", packed, "float16")
-    with pytest.raises(FlmFormatError, match=r"wqkv.weight has shape \[88, 64\]; the config implies 96 rows"):
+    with pytest.raises(FlmFormatError, match=r"wqkv.weight has shape \[88, 64\]; the config implies 96 rows \(q_proj, k_proj, v_proj\)"):
         llm.model(path)
+
+
+@pytest.mark.parametrize("packing,dtype", [("mergeqkv", "int8"), ("mergeqkv", "int4g"), ("W_pack", "float16")])
+def test_fastllm_concatenated_qkv_and_gateup(tmp_path, packing, dtype):
+    """fastllm's C++ side concatenates q/k/v (`self_attn.mergeqkv`, Baichuan's `W_pack`, with the
+    biases) and gate/up (`mlp.gateup_proj`) row-wise and saves them so: read back as the model
+    the separate tensors give, bit for bit."""
+    from fastllm_layout import flm_file, tensor_record, torch2flm_kv
+
+    reference = tiny_llama(seed=11, attention_bias=True, num_key_value_heads=2)
+    state = {k: v.float() for k, v in reference.state_dict().items()}
+    merged = dict(state)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            merged[f"{p}self_attn.{packing}.{kind}"] = torch.cat(
+                [merged.pop(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
+        merged[p + "mlp.gateup_proj.weight"] = torch.cat([merged.pop(p + "mlp.gate_proj.weight"),
+                                                          merged.pop(p + "mlp.up_proj.weight")])
+    kv = {**torch2flm_kv(reference), "tokenizer_use_score": "1"}
+    paths = {}
+    for label, tensors in (("merged", merged), ("plain", state)):
+        records = [tensor_record(n, t.numpy(), dtype if t.dim() == 2 and "embed" not in n else "float32", 32)
+                   for n, t in tensors.items()]
+        paths[label] = tmp_path / f"{label}.flm"
+        paths[label].write_bytes(flm_file(kv, [(b"<unk>", 0, 0.0)], records))
+    assert "model.layers.0.mlp.gateup_proj.weight" in read_flm(paths["merged"]).tensors
+    assert torch.equal(_logits_flm(paths["merged"]), _logits_flm(paths["plain"]))
 
 
 def test_yulan_style_delta_merge(tmp_path):

@@ -14,8 +14,8 @@ from typing import Any, Callable
 import torch
 
 from ..config import ModelConfig, as_int_list, as_str_list, parse_scalar, require, rope_from_dict
-from ..errors import CheckpointError
-from ..format.flm import FlmFile
+from ..errors import CheckpointError, FlmFormatError
+from ..format.flm import FlmFile, rows_of
 from ..format.hf import TensorSource
 
 LINEAR, EMBEDDING, PLAIN = "linear", "embedding", "plain"
@@ -29,6 +29,28 @@ class OutputTensor:
     shape: tuple[int, ...]
     kind: str
     read: Callable[[], torch.Tensor]
+
+
+# tensors fastllm's C++ side concatenates row-wise (basellm::MergeWeightsFromRules, Baichuan's
+# W_pack) and can save that way -> the canonical tensors, in row order
+FASTLLM_CONCATENATED = {
+    "self_attn.mergeqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.W_pack": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gateup_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def split_packed(flm: FlmFile, packed: str, pieces: dict[str, torch.Tensor]) -> None:
+    """Replace the file's tensor `packed` by the named pieces, each the rows its index tensor
+    lists (kept in the stored dtype), after checking the rows add up."""
+    rec = flm.tensors[packed]
+    expected = sum(len(rows) for rows in pieces.values())
+    if not rec.dims or rec.dims[0] != expected:
+        raise FlmFormatError(flm.path, f"tensor {packed} has shape {list(rec.dims)}; the config implies "
+                                       f"{expected} rows ({', '.join(n.rsplit('.', 2)[-2] for n in pieces)})")
+    for name, rows in pieces.items():
+        flm.tensors[name] = rows_of(flm, rec, rows, name)
+    del flm.tensors[packed]
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -151,7 +173,22 @@ class Family:
 
     def adopt_file_names(self, flm: FlmFile, cfg: ModelConfig) -> None:
         """Give the tensors of a fastllm-written file their canonical names: fastllm's writer keeps
-        the checkpoint's own (InternLM2's `model.tok_embeddings.weight`, ...); flm's are canonical."""
+        the checkpoint's own (InternLM2's `model.tok_embeddings.weight`, ...), and fastllm's C++
+        side may have concatenated q/k/v or gate/up (FASTLLM_CONCATENATED) before saving."""
+        shapes = layer_shapes(cfg)
+        for index in range(cfg.num_hidden_layers):
+            prefix = f"model.layers.{index}."
+            for packed, parts in FASTLLM_CONCATENATED.items():
+                for kind in ("weight", "bias"):
+                    names = [f"{prefix}{part}.{kind}" for part in parts]
+                    if f"{prefix}{packed}.{kind}" not in flm.tensors or any(n in flm.tensors for n in names):
+                        continue
+                    pieces, start = {}, 0
+                    for name, part in zip(names, parts):
+                        rows = shapes[f"{part}.weight"][0]
+                        pieces[name] = torch.arange(start, start + rows)
+                        start += rows
+                    split_packed(flm, f"{prefix}{packed}.{kind}", pieces)
         for name in canonical_shapes(cfg):
             src = self.source_name(name)
             if name not in flm.tensors and src != name and src in flm.tensors:

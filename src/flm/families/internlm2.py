@@ -13,10 +13,9 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig, parse_scalar
-from ..errors import FlmFormatError
-from ..format.flm import FlmFile, rows_of
+from ..format.flm import FlmFile
 from ..format.hf import TensorSource
-from .base import Family
+from .base import Family, split_packed
 
 RENAMES = {
     "model.embed_tokens.weight": "model.tok_embeddings.weight",
@@ -71,21 +70,14 @@ class InternLM2Family(Family):
     def adopt_file_names(self, flm: FlmFile, cfg: ModelConfig) -> None:
         """fastllm's llamalike2flm keeps InternLM2's names and its packed wqkv (fastllm splits it per
         step); here each wqkv (and its bias) becomes q, k and v rows once, at load."""
+        rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        parts = split_wqkv(torch.arange(rows), cfg)
         for index in range(cfg.num_hidden_layers):
             for kind in ("weight", "bias"):
                 packed = f"model.layers.{index}.attention.wqkv.{kind}"
-                rec = flm.tensors.get(packed)
-                if rec is None:
-                    continue
-                expected = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-                if not rec.dims or rec.dims[0] != expected:
-                    raise FlmFormatError(flm.path, f"tensor {packed} has shape {list(rec.dims)}; the config implies "
-                                                   f"{expected} rows (q, k and v heads of {cfg.head_dim})")
-                parts = split_wqkv(torch.arange(expected), cfg)
-                for module, part in QKV.items():
-                    name = f"model.layers.{index}.{module}.{kind}"
-                    flm.tensors[name] = rows_of(flm, rec, parts[part], name)
-                del flm.tensors[packed]
+                if packed in flm.tensors:
+                    split_packed(flm, packed, {f"model.layers.{index}.{module}.{kind}": parts[part]
+                                               for module, part in QKV.items()})
         super().adopt_file_names(flm, cfg)
 
     def reader(self, source: TensorSource, available: set[str], cfg: ModelConfig, name: str):
