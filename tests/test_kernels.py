@@ -43,12 +43,14 @@ def test_native_linear_equals_reference(name, rows):
 
 @needs_native
 @pytest.mark.parametrize("name", ["bfloat16", "float16", "int8", "float32"])
-@pytest.mark.parametrize("in_features", [416, 1152, 2080])
+@pytest.mark.parametrize("in_features", [416, 1152, 2080, 5152])
 def test_one_input_row_reads_rows_in_order_or_in_tiles(name, in_features):
     """One x row against 16-bit or int8 rows of any length, or float32 rows of up to 1024
     elements (linear_simd.cpp's reads_in_order), walks the weights row after row, 64 columns per
-    step (on AVX-512, bf16 and int8 in split loads with x reordered); 416 and 2080 leave a tail of
-    32 columns, read in element order; longer float32 rows go through the eight-row tiles."""
+    step (on AVX-512, bf16 and int8 in split loads with x reordered); 416, 2080 and 5152 leave a
+    tail of 32 columns, read in element order; longer float32 rows go through the eight-row
+    tiles. Rows past 5120 columns go four at a time (45 rows: a last one alone), each summed
+    exactly as when it is the only row."""
     torch.manual_seed(in_features)
     w = torch.randn(45, in_features) * 0.05
     weight, dense = kernel_weights(name, w)
@@ -58,6 +60,9 @@ def test_one_input_row_reads_rows_in_order_or_in_tiles(name, in_features):
     expected = x.double() @ dense.double().T
     got = lin(x)
     assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    for row in (0, 3, 44):
+        alone, _ = kernel_weights(name, w[row:row + 1])
+        assert torch.equal(make_linear(alone, (1, in_features))(x)[0, 0], got[0, row]), row
 
 
 @needs_native

@@ -214,8 +214,9 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
     });
 }
 
-// One x row against rows [begin, end) of W, one weight row after the other with eight
-// accumulators along it: the weights are read in memory order, a single stream. The tiles below
+// One x row against rows [begin, end) of W, one weight row after the other (NR at a time for
+// long rows, see rows_in_order) with eight accumulators along each: the weights are read in
+// memory order, a single stream. The tiles below
 // read eight rows side by side, eight streams that are each too short (a SmolLM2 row of 576
 // float16 is 18 cache lines) for the hardware prefetcher.
 // 2 threads, AVX2, one x row, weights from memory, GB/s tiles -> in order: float16 576x576
@@ -233,8 +234,8 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != 4 || k_in <= 1024); }
 constexpr int64_t IN_ORDER_STEP = 64;  // columns per step of rows_in_order (its chains times W)
 
-template <int KIND>
-void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
+template <int KIND, int NR>
+void rows_in_order_by(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
     // independent sums, FMA latency hidden: 8 of AVX2's 8 lanes; 4 of AVX-512's 16 (with 8,
     // Zen 4's float16 GB/s in SmolLM2 shapes were 14-17, with 4: 20-26, as its AVX2 build)
     constexpr int CHAINS = IN_ORDER_STEP / W;
@@ -251,31 +252,64 @@ void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs,
     constexpr int64_t AHEAD = 1024;
     constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
     constexpr int SPLIT = split_loads(KIND);  // vectors (chains) per load, x reordered to match
-    for (int64_t n = begin; n < end; ++n) {
-        const uint8_t *row = p.w + n * p.row_bytes;
-        vec acc[CHAINS];
-        for (int c = 0; c < CHAINS; ++c) acc[c] = vzero();
+    for (int64_t n = begin; n < end; n += NR) {
+        const uint8_t *rows[NR];
+        vec acc[NR][CHAINS];
+        for (int r = 0; r < NR; ++r) {
+            rows[r] = p.w + (n + r) * p.row_bytes;
+            for (int c = 0; c < CHAINS; ++c) acc[r][c] = vzero();
+        }
         int64_t k = 0;
         for (; k + CHAINS * W <= k_in; k += CHAINS * W) {
             if constexpr (PREFETCH)
-                for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
-                    _mm_prefetch((const char *)row + AHEAD + BYTES * k + b, _MM_HINT_T0);
+                for (int r = 0; r < NR; ++r)
+                    for (int64_t b = 0; b < CHAINS * W * BYTES; b += 64)
+                        _mm_prefetch((const char *)rows[r] + AHEAD + BYTES * k + b, _MM_HINT_T0);
             for (int c = 0; c < CHAINS; c += SPLIT) {
                 if constexpr (SPLIT > 1) {
-                    vec w[SPLIT];
-                    load_split(KIND, row + BYTES * (k + c * W), w);
-                    for (int s = 0; s < SPLIT; ++s) acc[c + s] = vfma(w[s], vload(xs.x + k + (c + s) * W), acc[c + s]);
+                    vec w[NR][SPLIT];
+                    for (int r = 0; r < NR; ++r) load_split(KIND, rows[r] + BYTES * (k + c * W), w[r]);
+                    for (int s = 0; s < SPLIT; ++s) {
+                        const vec xv = vload(xs.x + k + (c + s) * W);
+                        for (int r = 0; r < NR; ++r) acc[r][c + s] = vfma(w[r][s], xv, acc[r][c + s]);
+                    }
                 } else {
-                    acc[c] = vfma(load_stored(KIND, row, k + c * W), vload(xs.x + k + c * W), acc[c]);
+                    const vec xv = vload(xs.x + k + c * W);
+                    for (int r = 0; r < NR; ++r) acc[r][c] = vfma(load_stored(KIND, rows[r], k + c * W), xv, acc[r][c]);
                 }
             }
         }
-        // the tail (shorter than the chains), x in element order
-        for (int c = 0; k < k_in; k += W, ++c) acc[c] = vfma(load_stored(KIND, row, k), vload(xs.x + k), acc[c]);
-        for (int c = 1; c < CHAINS; ++c) acc[0] = vadd(acc[0], acc[c]);
-        const float y = vsum(acc[0]);
-        ys[n] = KIND == 2 ? int8_output(p, n, y, xs.sums[0]) : y;
+        for (int r = 0; r < NR; ++r) {
+            // the tail (shorter than the chains), x in element order
+            for (int64_t t = k, c = 0; t < k_in; t += W, ++c) acc[r][c] = vfma(load_stored(KIND, rows[r], t), vload(xs.x + t), acc[r][c]);
+            for (int c = 1; c < CHAINS; ++c) acc[r][0] = vadd(acc[r][0], acc[r][c]);
+            const float y = vsum(acc[r][0]);
+            ys[n + r] = KIND == 2 ? int8_output(p, n + r, y, xs.sums[0]) : y;
+        }
     }
+}
+
+// Rows longer than 5120 columns go four at a time, each x vector loaded once for the four: past
+// ~20 KB, an x row in float32 no longer stays in L1 beside the weights streaming through, so one
+// row at a time re-read all of x from L2 per row, two x cache lines per weight line (bf16), and
+// such rows streamed ~30% slower than rows of 2048-4096 (bench/RESULTS.md, "Long rows").
+// Each row keeps its own chains, so its sum is bit for bit the one-row walk's. Zen 4, from
+// memory, old/new alternating in one process, G MAC/s ratios, 2 threads / 1 thread: 1024x11008
+// bf16 1.36/1.51, float16 1.40/1.54, int8 1.36/1.55; 1024x13824 1.51, 1.48, 1.53 (2 threads);
+// 2048x5632 (the 1.1B down projection) 1.09/1.07, 1.14/1.21, 1.15/1.14; AVX2 build, 2 threads,
+// 1024x11008 1.47, 1.23, 1.35 and 2048x5632 1.01-1.06. Two rows instead of four: 1.13-1.25 at
+// 11008-13824, bf16 0.93-0.97 at 5632. At 5120 columns four rows moved 0.95-1.15, so they start past it.
+constexpr int64_t SHARED_X_MIN_COLS = 5121;
+constexpr int SHARED_X_ROWS = 4;
+
+template <int KIND>
+void rows_in_order(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
+    int64_t n = begin;
+    if (k_in >= SHARED_X_MIN_COLS) {
+        n = begin + (end - begin) / SHARED_X_ROWS * SHARED_X_ROWS;
+        rows_in_order_by<KIND, SHARED_X_ROWS>(p, begin, n, xs, k_in, ys);
+    }
+    rows_in_order_by<KIND, 1>(p, n, end, xs, k_in, ys);
 }
 
 // The int32 sums of one int4 row against one x row over columns [c, stop) (multiples of 32):
