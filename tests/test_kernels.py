@@ -94,8 +94,9 @@ def test_blocked_kernel_sums_spans_of_k(name):
 def test_int4_batch_rows_equal_each_row_alone_bit_for_bit(name, in_features):
     """A served batch decodes its sequences together (int4_tile_few_x, one token of each:
     x [B, 1, K], the decode step's linear_raw(steps=true), any B) while a request alone takes the
-    one-row path (int4_tile_one_x; per-row int4 one row at a time in int4_row_sum's eight chains):
-    both sum in one order, so greedy answers cannot depend on who else is being served (past 8
+    one-row path (int4_tile_one_x; per-row int4 rows this long four at a time, shorter ones one at
+    a time in int4_row_sum's eight chains): both sum in one order, so greedy answers cannot depend
+    on who else is being served (past 8
     rows a prompt's blocks would sum long rows in other spans). 8352 columns: per-row int4 sums two
     4096-blocks and a tail of 160 (a 128-code pass and a 32); 65 groups of 128 leave a tail
     after eight-group vectors. 37 weight rows: tiles of 4, 2 and 1 (AVX-512)."""

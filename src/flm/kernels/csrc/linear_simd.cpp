@@ -456,13 +456,23 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
 // four, int4_tile_one_x), two for batches (int4: int4_tile_few_x, four on AVX-512), whose x rows
 // then share each weight load; each weight tile is read from memory once and from L1 for the
 // further x rows.
+// Long per-row int4 rows take the four-row tile for a single x row too, for the reason the 16-bit
+// rows do (rows_in_order): one row at a time, an x row of 16-bit integers past ~8 KB was re-read
+// from L2 for every weight row, four x lines per weight line. Bit for bit the same sums (integer
+// lanes, then one scaling per block in both). Zen 4, from memory, old/new alternating, G MAC/s
+// ratio, 2 threads / 1 thread: 1024x11008 1.51/1.76, 1024x8192 1.29-1.39, 2048x5632 1.08-1.17 /
+// 1.28, 2048x4096 1.05/0.97; the AVX2 build lost at 5632 (0.83-0.88) and gained from 8192 (1.02,
+// 1.03) to 11008 (1.39), so there the tile starts past 8192 columns.
+constexpr int64_t INT4_SHARED_X_MIN_COLS = W == 16 ? 4097 : 8193;
+
 template <int KIND>
 void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Input &xs, int64_t k_in, float *ys,
               int64_t n_out) {
     int64_t n = begin;
     if constexpr (is_int4<KIND>) {
         if (M == 1) {
-            // per-row int4 (one group a row) one row at a time, in order: a single stream per
+            // per-row int4 (one group a row) one row at a time, in order (up to
+            // INT4_SHARED_X_MIN_COLS columns; past it in tiles of four): a single stream per
             // thread, which the hardware prefetcher follows best (Zen 4, 1.1B int4 decode, three
             // alternations: 27.0-29.2 -> 34.7-35.4 tok/s; a standalone GEMV over 1 GB of rows,
             // medians of ten: 4 rows interleaved 17.8 GB/s, one in order 27.0). Groups of 128
@@ -471,6 +481,8 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
             // 128 and more (1.1B int4g128 decode, six alternations, medians 26.5 -> 28.7 tok/s,
             // faster in five), four for groups of 32 (SmolLM2 int4g32: two rows lost in all three).
             if (p.groups_per_row == 1) {
+                if (k_in >= INT4_SHARED_X_MIN_COLS)
+                    for (; n + 4 <= end; n += 4) int4_tile_one_x<KIND, 4>(p, n, xs, k_in, ys + n);
                 for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
                 return;
             }
