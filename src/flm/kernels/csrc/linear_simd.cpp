@@ -216,9 +216,9 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 
 // One x row against rows [begin, end) of W, one weight row after the other (NR at a time for
 // long rows, see rows_in_order) with eight accumulators along each: the weights are read in
-// memory order, a single stream. The tiles below
-// read eight rows side by side, eight streams that are each too short (a SmolLM2 row of 576
-// float16 is 18 cache lines) for the hardware prefetcher.
+// memory order, a single stream. The tiles below read eight rows side by side, eight streams
+// that are each too short (a SmolLM2 row of 576 float16 is 18 cache lines) for the hardware
+// prefetcher.
 // 2 threads, AVX2, one x row, weights from memory, GB/s tiles -> in order: float16 576x576
 // 13.9-17.2 -> 16.3-19.5, 3072x576 16.3-20.1 -> 20.0-22.1, 2048x768 20.0-20.7 -> 20.7-22.7;
 // int8 576x576 9.2-9.8 -> 11.4-12.9, 3072x576 10.7 -> 16.4-17.1, 2048x1024 11.5-14.2 ->
