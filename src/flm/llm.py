@@ -34,7 +34,7 @@ def get_cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def _config_from_kv(flm: FlmFile) -> ModelConfig:
+def _config_adopting_names(flm: FlmFile) -> ModelConfig:
     """The model config a file carries (flm's normalized one, or fastllm's raw keys); for the
     latter its tensors also get their canonical names."""
     if NORMALIZED_KEY in flm.kv:
@@ -75,7 +75,7 @@ class model:  # noqa: N801 - fastllm's class name
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
         device = _checked_device(device)
         self._flm = read_flm(path)
-        self.config = _config_from_kv(self._flm)
+        self.config = _config_adopting_names(self._flm)
         self.model = Transformer.from_flm(self._flm, self.config, reference=reference, device=device)
         kv = self._flm.kv
         self.model_type = self.config.model_type

@@ -176,19 +176,20 @@ class Family:
         the checkpoint's own (InternLM2's `model.tok_embeddings.weight`, ...), and fastllm's C++
         side may have concatenated q/k/v or gate/up (FASTLLM_CONCATENATED) before saving."""
         shapes = layer_shapes(cfg)
+        row_ranges = {}  # packed -> (part, its rows in the pack), the same in every layer
+        for packed, parts in FASTLLM_CONCATENATED.items():
+            start, row_ranges[packed] = 0, []
+            for part in parts:
+                rows = shapes[f"{part}.weight"][0]
+                row_ranges[packed].append((part, torch.arange(start, start + rows)))
+                start += rows
         for index in range(cfg.num_hidden_layers):
-            prefix = f"model.layers.{index}."
-            for packed, parts in FASTLLM_CONCATENATED.items():
+            for packed, ranges in row_ranges.items():
                 for kind in ("weight", "bias"):
-                    names = [f"{prefix}{part}.{kind}" for part in parts]
-                    if f"{prefix}{packed}.{kind}" not in flm.tensors or any(n in flm.tensors for n in names):
-                        continue
-                    pieces, start = {}, 0
-                    for name, part in zip(names, parts):
-                        rows = shapes[f"{part}.weight"][0]
-                        pieces[name] = torch.arange(start, start + rows)
-                        start += rows
-                    split_packed(flm, f"{prefix}{packed}.{kind}", pieces)
+                    pieces = {f"model.layers.{index}.{part}.{kind}": rows for part, rows in ranges}
+                    name = f"model.layers.{index}.{packed}.{kind}"
+                    if name in flm.tensors and not any(piece in flm.tensors for piece in pieces):
+                        split_packed(flm, name, pieces)
         for name in canonical_shapes(cfg):
             src = self.source_name(name)
             if name not in flm.tensors and src != name and src in flm.tensors:

@@ -45,6 +45,11 @@ def split_wqkv(packed: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, to
     return q, k, v
 
 
+def _wqkv_rows(cfg: ModelConfig) -> int:
+    """Rows of a packed wqkv: every query head plus one key and one value head per KV group."""
+    return (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+
+
 class InternLM2Family(Family):
     name = "internlm2"
     model_types = ("internlm2",)
@@ -70,8 +75,7 @@ class InternLM2Family(Family):
     def adopt_file_names(self, flm: FlmFile, cfg: ModelConfig) -> None:
         """fastllm's llamalike2flm keeps InternLM2's names and its packed wqkv (fastllm splits it per
         step); here each wqkv (and its bias) becomes q, k and v rows once, at load."""
-        rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-        parts = split_wqkv(torch.arange(rows), cfg)
+        parts = split_wqkv(torch.arange(_wqkv_rows(cfg)), cfg)
         for index in range(cfg.num_hidden_layers):
             for kind in ("weight", "bias"):
                 packed = f"model.layers.{index}.attention.wqkv.{kind}"
@@ -89,6 +93,5 @@ class InternLM2Family(Family):
         part = QKV[name.split(".layers.")[1].split(".", 1)[1].rsplit(".", 1)[0]]
         packed_shape = source.shape(src)
         rows = cfg.num_attention_heads * cfg.head_dim if part == 0 else cfg.num_key_value_heads * cfg.head_dim
-        expected_packed = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-        shape = (rows, *packed_shape[1:]) if packed_shape[0] == expected_packed else packed_shape
+        shape = (rows, *packed_shape[1:]) if packed_shape[0] == _wqkv_rows(cfg) else packed_shape
         return shape, (lambda: split_wqkv(source.read(src), cfg)[part].contiguous())
