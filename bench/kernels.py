@@ -4,7 +4,7 @@ kernels on a CPU, the Triton kernels on a GPU) at decode-sized inputs (1, 4 and 
 Prints weight bytes read per second and multiply-adds per second, to tell a bandwidth-bound
 kernel from a compute-bound one.
 
-    python bench/kernels.py [--threads 2] [--rows 1 4 8]
+    python bench/kernels.py [--threads 2] [--rows 1 4 8] [--shapes 1024x11008 --copies 12]
     python bench/kernels.py --device cuda --rows 1 8 128 [--reference] [--gemv-blocks 16x256 32x128x8]
 
 --reference times the reference path (on a GPU: widening blocks of rows with torch ops, what
@@ -64,13 +64,24 @@ def timed(fn, device: str, seconds: float = 0.5) -> float:
     return (time.perf_counter() - start) / count
 
 
-def run(name: str, layers: list, weights: list[torch.Tensor], rows_list: list[int], device: str) -> None:
+def run(name: str, layers: list, weights: list[torch.Tensor], rows_list: list[int], device: str,
+        copies: list[list] | None = None) -> None:
+    """Time `layers` ([(callable, weight bytes)] per shape); with `copies` (further such lists),
+    each call takes the next set in turn, so that the weights come from memory, not a cache."""
+    sets = [layers] + (copies or [])
     for rows in rows_list:
-        xs = [torch.randn(rows, k, device=device) for _, k in SHAPES]
-        seconds = timed(lambda: [lin(x) for (lin, _), x in zip(layers, xs)], device)
+        xs = [torch.randn(rows, w.shape[1], device=device) for w in weights]
+        turn = iter(range(1 << 62))
+        seconds = timed(lambda: [lin(x) for (lin, _), x in zip(sets[next(turn) % len(sets)], xs)], device)
         nbytes = sum(b for _, b in layers)
         macs = rows * sum(w.numel() for w in weights)
         print(f"{name:<18} {rows:>4} {nbytes / seconds / 1e9:>7.1f} {macs / seconds / 1e9:>8.1f}")
+
+
+def shape(spec: str) -> tuple[int, int]:
+    """'2048x5632' -> (2048, 5632)."""
+    outputs, inputs = (int(p) for p in spec.split("x"))
+    return outputs, inputs
 
 
 def gemv_block(spec: str) -> tuple[tuple[int, int], int]:
@@ -88,13 +99,17 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="time the reference path instead")
     parser.add_argument("--paths", nargs="+", choices=list(CPU_PATHS), default=[],
                         help="CPU only: time these paths at every row count instead of the one flm picks")
+    parser.add_argument("--shapes", nargs="+", type=shape, default=SHAPES, metavar="NxK",
+                        help="weight shapes (outputs x inputs), timed together (default: the 1.1B model's)")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="cycle this many copies of the layers (e.g. 256 MB worth: weights from memory)")
     parser.add_argument("--gemv-blocks", nargs="+", default=[], metavar="NxK[xW]",
                         help="Triton GEMV tiles to compare (GPU only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{device_label(args.device)}, {args.threads} threads, measured read bandwidth {bandwidth_gbs(device=args.device):.1f} GB/s")
     print(f"{'kind':<18} {'rows':>4} {'GB/s':>7} {'G MAC/s':>8}")
-    weights = [torch.randn(n, k) * 0.02 for n, k in SHAPES]
+    weights = [torch.randn(n, k) * 0.02 for n, k in args.shapes]
     if args.device.startswith("cuda"):
         halves = [w.to(args.device, torch.float16) for w in weights]
         run("cuBLAS float16", [(lambda x, h=h: F.linear(x.half(), h), h.numel() * 2) for h in halves],
@@ -102,15 +117,17 @@ def main() -> None:
     blocks = [gemv_block(spec) for spec in args.gemv_blocks] or [(triton_linear.GEMV_BLOCK, triton_linear.GEMV_WARPS)]
     for kind in args.kinds:
         layers = [layer(kind, w, args.device, args.reference) for w in weights]
+        copies = [[layer(kind, torch.randn_like(w), args.device, args.reference) for w in weights]
+                  for _ in range(args.copies - 1)]
         if args.paths:
             for path in args.paths:
-                run(f"{kind} {path}", [(CPU_PATHS[path](lin), nbytes) for lin, nbytes in layers], weights, args.rows,
-                    args.device)
+                wrap = lambda some: [(CPU_PATHS[path](lin), nbytes) for lin, nbytes in some]  # noqa: E731
+                run(f"{kind} {path}", wrap(layers), weights, args.rows, args.device, [wrap(c) for c in copies])
             continue
         for block, warps in blocks:
             triton_linear.GEMV_BLOCK, triton_linear.GEMV_WARPS = block, warps
             name = f"{kind} {block[0]}x{block[1]}x{warps}" if args.gemv_blocks else kind
-            run(name, layers, weights, args.rows, args.device)
+            run(name, layers, weights, args.rows, args.device, copies)
 
 
 if __name__ == "__main__":
