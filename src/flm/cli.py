@@ -205,7 +205,7 @@ ENVIRONMENT = """environment variables:
   FLM_KERNELS=reference  no compiled or Triton kernels: the plain torch path (dequantize + matmul)
   FLM_PREFILL=float32    prompts in float32 on AVX512-BF16 CPUs (default bfloat16 dot products)
   FLM_CUDA_GRAPHS=0      GPU decode steps run eagerly instead of replaying a CUDA graph
-  FLM_BATCH_GRAPHS=1     also replay the server's batched GPU steps from graphs (opt-in)"""
+  FLM_BATCH_GRAPHS=0     the server's batched GPU steps run eagerly too (default: graphs)"""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ position are device tensors filled before each replay, and attention reads the s
 position (`kernels/triton_decode.py`; without Triton, torch ops cover all slots and mask the
 ones the query does not see). The server's batched steps replay one graph per batch size whose
 kernels find each sequence's cache through a table of addresses refilled before each replay
-(`GraphedBatch`; with Triton only; opt-in, FLM_BATCH_GRAPHS=1, until timed on a GPU).
+(`GraphedBatch`; with Triton only; FLM_BATCH_GRAPHS=0 runs them eagerly).
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ def graphed_step(model: Transformer, cache: KVCache) -> GraphedStep | None:
 
 def graphed_batch(model: Transformer, caches: list[KVCache]) -> GraphedBatch | None:
     """The model's graphed step for this many sequences (made on first use, again when the
-    rotary tables grow), or None where it does not apply: off CUDA, switched off (or not on:
-    FLM_BATCH_GRAPHS), without the fused kernels (Triton), or dynamic NTK past the trained length."""
+    rotary tables grow), or None where it does not apply: off CUDA, switched off (FLM_CUDA_GRAPHS=0
+    or FLM_BATCH_GRAPHS=0), without the fused kernels (Triton), or dynamic NTK past the trained
+    length."""
     device = model.embed.device
     if not (model.cuda_graphs and model.graph_batches and model.fused_attention) or device.type != "cuda":
         return None

@@ -138,9 +138,9 @@ class Transformer:
         self.cuda_graphs = os.environ.get("FLM_CUDA_GRAPHS", "1") != "0"
         # ... whose attention is two Triton kernels per layer where the linears are Triton's too
         self.fused_attention = triton_decode.applies(torch.device(device))
-        # the server's steps replayed from a graph per batch size (cuda_graphs.GraphedBatch): opt-in
-        # with FLM_BATCH_GRAPHS=1 until timed on a GPU (tested there only through the CPU's interpreter)
-        self.graph_batches = os.environ.get("FLM_BATCH_GRAPHS", "0") == "1"
+        # the server's steps replayed from a graph per batch size (cuda_graphs.GraphedBatch;
+        # FLM_BATCH_GRAPHS=0: eager)
+        self.graph_batches = os.environ.get("FLM_BATCH_GRAPHS", "1") != "0"
         self.batch_graphs: dict[int, GraphedBatch] = {}
 
     # ------------------------------------------------------------ loading
