@@ -4,6 +4,9 @@ keys written with index_copy_) against the eager step on the CPU, where it runs 
 graph; the fused kernels against the torch formulas; the recorded graph itself on a GPU
 (skipped without one)."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -80,6 +83,24 @@ def _served(model, steps: int, step) -> torch.Tensor:
         tokens = logits.argmax(-1).tolist()
         out.append(logits.float().cpu())
     return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["step", pytest.param("batch", marks=needs_triton)])
+def test_dropped_graphs_go_without_the_cycle_collector(files, kind):
+    """A graphed step that its cache or model lets go of must be freed at once: left to the
+    cycle collector, it could be freed in the middle of another graph's capture, which that
+    invalidates (cuda_graphs._record)."""
+    model = llm.model(files["float32"], reference=True).model
+    cache = model.new_cache(1, 16)
+    tables = model.rotary.tables(16, cache.keys[0].device)
+    made = GraphedStep(model, cache, tables) if kind == "step" else GraphedBatch(model, [cache], tables)
+    gone = weakref.ref(made)
+    gc.disable()
+    try:
+        del made
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 @needs_triton

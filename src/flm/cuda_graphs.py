@@ -15,6 +15,7 @@ kernels find each sequence's cache through a table of addresses refilled before 
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -32,14 +33,14 @@ class GraphedStep:
         """`tables`: the model's rotary cos and sin [rows >= capacity, head_dim] (Rotary.tables)."""
         device = cache.keys[0].device
         self.device = device
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.position = position = torch.zeros(1, dtype=torch.long, device=device)
         cos_table, sin_table = tables
         keys, values = list(cache.keys), list(cache.values)  # the tensors, not the cache: no cycle
         addresses = triton_decode.CacheAddresses([keys], [values]) if model.fused_attention else None
 
-        def step() -> torch.Tensor:
-            return model.decode_in_place(self.token, self.position, cos_table, sin_table, keys, values, addresses)
+        def step() -> torch.Tensor:  # locals, not self: see _record
+            return model.decode_in_place(token, position, cos_table, sin_table, keys, values, addresses)
 
         self._step = step
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -68,12 +69,12 @@ class GraphedBatch:
     def __init__(self, model: Transformer, caches: list[KVCache], tables: tuple[torch.Tensor, torch.Tensor]):
         device = caches[0].keys[0].device
         self.device, self.tables = device, tables
-        self.tokens = torch.zeros((len(caches), 1), dtype=torch.long, device=device)
-        self.positions = torch.zeros(len(caches), dtype=torch.long, device=device)
-        self.addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
+        self.tokens = tokens = torch.zeros((len(caches), 1), dtype=torch.long, device=device)
+        self.positions = positions = torch.zeros(len(caches), dtype=torch.long, device=device)
+        self.addresses = addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
 
-        def step() -> torch.Tensor:
-            return model.decode_in_place(self.tokens, self.positions, *tables, [], [], self.addresses)
+        def step() -> torch.Tensor:  # locals, not self: see _record
+            return model.decode_in_place(tokens, positions, *tables, [], [], addresses)
 
         self._step = step
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -98,15 +99,26 @@ class GraphedBatch:
 def _record(step: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """A graph of step() and the tensor its replays write the output to. A warm-up on a side
     stream first (torch's recipe: lazy initialisations stay out of the graph); it writes the
-    step's keys and values exactly as the replay then does."""
+    step's keys and values exactly as the replay then does. Python's cycle collector is off
+    while recording: freeing another graph (one a cache or the model let go of) in the middle
+    of a capture invalidates it ("operation not permitted when stream is capturing", seen on an
+    H200 when a batch size's graph was recorded again), and torch no longer collects before a
+    capture. The steps' closures hold no reference back to their owner, so dropped graphs go
+    at once, by reference count, and do not wait for the collector."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph):
+            out = step()
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 
