@@ -41,7 +41,7 @@ def _weight(name: str, w: torch.Tensor) -> tuple[Quantized | torch.Tensor, torch
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "int4", "int4g32", "int4g128", "int4_with_zero"])
-@pytest.mark.parametrize("rows", [1, 3, GEMV_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, GEMV_ROWS + 1, 40])
 def test_triton_linear_equals_reference(name, rows):
     """GEMV up to GEMV_ROWS input rows, tiled GEMM above; 72 outputs and 384 inputs leave
     partial tiles in every direction (384 = 3 groups of 128, 12 of 32)."""
