@@ -43,8 +43,9 @@ def _weight(name: str, w: torch.Tensor) -> tuple[Quantized | torch.Tensor, torch
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "int4", "int4g32", "int4g128", "int4_with_zero"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 9, GEMV_ROWS + 1, 40])
 def test_triton_linear_equals_reference(name, rows):
-    """GEMV up to GEMV_ROWS input rows, tiled GEMM above; 72 outputs and 384 inputs leave
-    partial tiles in every direction (384 = 3 groups of 128, 12 of 32)."""
+    """GEMV up to GEMV_ROWS input rows (4-bit weights: 2 and 3 rows in one program sharing
+    each widened tile, 9 over two), tiled GEMM above; 72 outputs and 384 inputs leave partial
+    tiles in every direction (384 = 3 groups of 128, 12 of 32)."""
     torch.manual_seed(rows)
     w = torch.randn(72, 384) * 0.05
     stored, dense, rounds = _weight(name, w)

@@ -291,7 +291,7 @@ def triton_product(x: torch.Tensor, weight: TritonWeight, input_rounded: bool = 
     m, n, k = flat.shape[0], weight.out_features, weight.in_features
     rounds = weight.rounds_input and not input_rounded
     common = (weight.data, weight.scale, weight.offset)
-    layout = dict(BITS=weight.bits, WITH_ZERO=weight.with_zero, GROUPED=weight.grouped, GROUP_CNT=weight.group_cnt)
+    layout = dict(WITH_ZERO=weight.with_zero, GROUPED=weight.grouped, GROUP_CNT=weight.group_cnt)
     if m <= GEMV_ROWS:
         y = torch.empty((m, n), dtype=torch.float32, device=flat.device)
         block_n, block_k = GEMV_BLOCK
@@ -299,11 +299,11 @@ def triton_product(x: torch.Tensor, weight: TritonWeight, input_rounded: bool = 
                       num_warps=GEMV_WARPS)
         if weight.bits == 4 and m > 1:
             block_m = min(GEMV_SHARED_ROWS, triton.next_power_of_2(m))
-            del layout["BITS"]
             _gemv_shared[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
                 flat, *common, y, m, n, k, weight.groups, BLOCK_M=block_m, **tiling, **layout)
         else:
-            _gemv[(triton.cdiv(n, block_n), m)](flat, *common, y, n, k, weight.groups, **tiling, **layout)
+            _gemv[(triton.cdiv(n, block_n), m)](flat, *common, y, n, k, weight.groups, BITS=weight.bits, **tiling,
+                                                **layout)
         return y
     if rounds:
         flat = round_input_int16(flat)
@@ -314,6 +314,6 @@ def triton_product(x: torch.Tensor, weight: TritonWeight, input_rounded: bool = 
         rows = torch.empty((last - first, k), dtype=torch.float32, device=flat.device)
         _widen[(triton.cdiv(last - first, block_n), triton.cdiv(k, block_k))](
             *common, rows, first, last, k, weight.groups,
-            BLOCK_N=block_n, BLOCK_K=block_k, **layout)
+            BLOCK_N=block_n, BLOCK_K=block_k, BITS=weight.bits, **layout)
         outs.append(torch.nn.functional.linear(flat, rows))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
