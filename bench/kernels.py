@@ -16,6 +16,7 @@ weights; widened blocks through torch's float32 GEMM), where flm picks one by KE
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -68,11 +69,10 @@ def run(name: str, layers: list, weights: list[torch.Tensor], rows_list: list[in
         copies: list[list] | None = None) -> None:
     """Time `layers` ([(callable, weight bytes)] per shape); with `copies` (further such lists),
     each call takes the next set in turn, so that the weights come from memory, not a cache."""
-    sets = [layers] + (copies or [])
+    sets = itertools.cycle([layers] + (copies or []))
     for rows in rows_list:
         xs = [torch.randn(rows, w.shape[1], device=device) for w in weights]
-        turn = iter(range(1 << 62))
-        seconds = timed(lambda: [lin(x) for (lin, _), x in zip(sets[next(turn) % len(sets)], xs)], device)
+        seconds = timed(lambda: [lin(x) for (lin, _), x in zip(next(sets), xs)], device)
         nbytes = sum(b for _, b in layers)
         macs = rows * sum(w.numel() for w in weights)
         print(f"{name:<18} {rows:>4} {nbytes / seconds / 1e9:>7.1f} {macs / seconds / 1e9:>8.1f}")
@@ -121,8 +121,10 @@ def main() -> None:
                   for _ in range(args.copies - 1)]
         if args.paths:
             for path in args.paths:
-                wrap = lambda some: [(CPU_PATHS[path](lin), nbytes) for lin, nbytes in some]  # noqa: E731
-                run(f"{kind} {path}", wrap(layers), weights, args.rows, args.device, [wrap(c) for c in copies])
+                def on_path(some: list) -> list:
+                    return [(CPU_PATHS[path](lin), nbytes) for lin, nbytes in some]
+
+                run(f"{kind} {path}", on_path(layers), weights, args.rows, args.device, [on_path(c) for c in copies])
             continue
         for block, warps in blocks:
             triton_linear.GEMV_BLOCK, triton_linear.GEMV_WARPS = block, warps
