@@ -47,7 +47,7 @@ def main() -> None:
         target = torch.tensor(ids[1:])
 
         def logits(m):
-            return m.model.forward(torch.tensor([ids[:-1]]), m.model.new_cache(1, 256), last_only=False)[0]
+            return m.backend.score(ids[:-1])
 
         ref = logits(m32)
         print(f"{'dtype':<20} {'argmax agreement':>17} {'perplexity':>11}")

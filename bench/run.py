@@ -129,7 +129,8 @@ def in_child(engine: str, path: str, dtype: str, args: argparse.Namespace) -> di
 
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     """(HF checkpoint, flm files per dtype, gguf files per llama.cpp type)."""
-    from flm.builtin import cache_dir, smollm2_checkpoint
+    from flm.builtin import smollm2_checkpoint
+    from flm.paths import cache_dir
     from flm.convert import ConvertOptions, convert
 
     if args.model == "smollm2":

@@ -96,7 +96,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from flm.builtin import cache_dir, smollm2_checkpoint
+    from flm.builtin import smollm2_checkpoint
+    from flm.paths import cache_dir
     from flm.convert import ConvertOptions, convert
 
     if args.model == "smollm2":

@@ -8,7 +8,7 @@ import json
 import re
 import struct
 
-from conftest import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 
 
 def _varint(n: int) -> bytes:

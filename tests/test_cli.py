@@ -91,17 +91,23 @@ def test_templates_command(capsys):
     assert "llama2-chat:" in out and "user_role" in out and "'[INST] '" in out
 
 
-def test_help_lists_every_environment_variable_the_code_reads(capsys):
-    """`flm --help` names each FLM_* switch that the sources read from the environment."""
+def test_environment_switches_are_read_in_one_place_and_listed_in_help(capsys):
+    """No module but flm.settings reads the environment for an FLM_* switch, every switch the
+    sources name is one settings knows, and `flm --help` lists each."""
     from pathlib import Path
 
     import flm
+    from flm.settings import SWITCHES
 
-    read = set()
+    named, readers = set(), []
     for source in Path(flm.__file__).parent.rglob("*.py"):
-        read |= set(re.findall(r"environ\.get\(\"(FLM_[A-Z_]+)\"", source.read_text()))
-    assert {"FLM_CACHE", "FLM_KERNELS", "FLM_BATCH_GRAPHS"} <= read
+        text = source.read_text()
+        named |= set(re.findall(r"setting\(\"(FLM_[A-Z_]+)\"\)", text))
+        if source.name != "settings.py" and re.search(r"environ(\.get\(|\[)\s*[\"']FLM_", text):
+            readers.append(source.name)
+    assert not readers, f"read FLM_* outside settings.py: {readers}"
+    assert {"FLM_CACHE", "FLM_KERNELS", "FLM_BACKEND"} <= named <= set(SWITCHES)
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert not [name for name in sorted(read) if name not in out]
+    assert not [name for name in SWITCHES if name not in out]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import edit_config, save_checkpoint, tiny_llama
+from helpers import edit_config, save_checkpoint, tiny_llama
 from flm.convert import ConvertOptions, convert
 from flm.errors import CheckpointError, ConfigError, UnknownFamilyError, UnsupportedDtypeError
 from flm.format.flm import read_flm

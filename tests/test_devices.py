@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import logits_close, needs_gpu
+from helpers import logits_close, needs_gpu
 from flm import llm
 from flm.convert import ConvertOptions, convert
 from flm.errors import FlmError
@@ -23,7 +23,7 @@ def files(tmp_path_factory, tiny_dir):
 
 
 def _logits(m):
-    return m.model.forward(torch.tensor([IDS]), m.model.new_cache(1, 16), last_only=False)[0].float().cpu()
+    return m.backend.score(IDS).float().cpu()
 
 
 def test_cuda_without_gpu_is_a_clear_error(files):
@@ -52,15 +52,15 @@ def test_cuda_matches_cpu(files, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float16", "int4g"])
 def test_cuda_batched_decode_matches_cpu(files, dtype):
-    """decode_batch (the server's step) on the GPU: sequences at different positions."""
+    """Batched steps (the server's) on the GPU: sequences at different positions."""
 
     def run(m):
-        caches = [m.model.new_cache(1, 32) for _ in range(3)]
+        caches = [m.backend.new_cache(32) for _ in range(3)]
         prompts = [IDS[:3], IDS, IDS[:5]]
-        tokens = [int(m.model.forward(torch.tensor([p]), c)[0, -1].argmax()) for p, c in zip(prompts, caches)]
+        tokens = [int(m.backend.prefill(p, c).argmax()) for p, c in zip(prompts, caches)]
         out = []
         for _ in range(4):
-            logits = m.model.decode_batch(tokens, caches)
+            logits = m.backend.step(tokens, caches)
             tokens = logits.argmax(-1).tolist()
             out.append(logits.float().cpu())
         return torch.stack(out)

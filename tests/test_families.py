@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from checks import logits_close
-from conftest import LLAMA2_TOKENIZER, TINY, tiny_llama
+from helpers import logits_close
+from helpers import LLAMA2_TOKENIZER, TINY, tiny_llama
 from flm import llm
 from flm.cli import main as cli
 from flm.convert import ConvertOptions, convert
@@ -21,7 +21,7 @@ IDS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 298
 
 def _logits_flm(path, ids=IDS):
     m = llm.model(path)
-    return m.model.forward(torch.tensor([ids]), m.model.new_cache(1, len(ids)), last_only=False)[0]
+    return m.backend.score(ids)
 
 
 def _logits_hf(model, ids=IDS):
@@ -163,8 +163,7 @@ def test_internlm2_packed_wqkv(tmp_path):
         assert cli(["convert", str(tmp_path / "internlm2"), "-o", str(out), "--dtype", dtype, "-q"]) == 0
         ref = reference if dtype == "float32" else _half_weights(reference)
         m = llm.model(out)
-        cache = m.model.new_cache(1, 64)
-        ours = m.model.forward(torch.tensor([IDS]), cache, last_only=False)[0]
+        ours = m.backend.score(IDS)
         theirs = _logits_hf(ref)
         assert logits_close(ours, theirs, 1e-4), dtype
 

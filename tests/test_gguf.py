@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import LLAMA2_TOKENIZER
+from helpers import LLAMA2_TOKENIZER
 from corpus import corpus_lines
 from flm import llm
 from flm.convert import ConvertOptions, convert
@@ -70,7 +70,7 @@ def test_llama_gguf_with_sentencepiece_vocab(tmp_path, tiny_model):
     weights), the config from metadata, the SentencePiece vocabulary equal to Llama-2's tokenizer."""
     from tokenizers import Tokenizer as HF
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     reference = tiny_llama(rope_theta=100000.0)
     _write_gguf(tmp_path / "m.gguf", reference)
@@ -78,8 +78,7 @@ def test_llama_gguf_with_sentencepiece_vocab(tmp_path, tiny_model):
     m = llm.model(tmp_path / "m.flm")
     assert (m.config.rope_theta, m.config.num_key_value_heads) == (100000.0, reference.config.num_key_value_heads)
     ids = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889]
-    cache = m.model.new_cache(1, len(ids))
-    ours = m.model.forward(torch.tensor([ids]), cache, last_only=False)[0]
+    ours = m.backend.score(ids)
     with torch.no_grad():
         theirs = reference(torch.tensor([ids])).logits[0]
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -113,7 +112,7 @@ def test_byte_level_gguf_vocab_gives_hugging_face_ids(name):
     import gzip
     import json
 
-    from conftest import FIXTURES
+    from helpers import FIXTURES
     from flm.gguf_tokenizer import byte_level_tokenizer_json
     from flm.tokenizer import Tokenizer
 

@@ -4,7 +4,7 @@ every weight type, decode-sized and prefill-sized inputs, and odd group layouts.
 import pytest
 import torch
 
-from checks import QUANTIZED, fused_rounds_input_once, kernel_weights
+from helpers import QUANTIZED, fused_rounds_input_once, kernel_weights
 from flm.kernels import NativeLinear, ReferenceLinear, make_linear
 from flm.kernels.native import cpu_isa, native
 from flm.quant import INT16_INPUT_DTYPES, DType, Quantized, quantize, round_input_int16

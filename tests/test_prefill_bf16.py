@@ -4,7 +4,7 @@ to bf16 exactly as documented, float32 sums; decode batches and FLM_PREFILL=floa
 import pytest
 import torch
 
-from checks import QUANTIZED, kernel_weights
+from helpers import QUANTIZED, kernel_weights
 from flm.kernels import NativeLinear, make_linear
 from flm.kernels.native import cpu_isa, native
 

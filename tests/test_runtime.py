@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from checks import logits_close
-from conftest import save_checkpoint, tiny_llama
+from helpers import logits_close
+from helpers import save_checkpoint, tiny_llama
 from flm import llm
 from flm.convert import ConvertOptions, convert
 from flm.errors import ContextOverflowError, FlmFormatError, TemplateError
@@ -33,8 +33,7 @@ def tiny_flm(tmp_path_factory, tiny_dir):
 
 
 def _flm_logits(m, ids):
-    cache = m.model.new_cache(1, len(ids))
-    return m.model.forward(torch.tensor([ids]), cache, last_only=False)[0]
+    return m.backend.score(ids)
 
 
 def test_float32_logits_match_transformers(tiny_flm, tiny_model):
@@ -50,17 +49,6 @@ def test_greedy_matches_transformers(tiny_flm, tiny_model):
     assert len(ours) > 0
 
 
-def test_incremental_decode_equals_full_forward(tiny_flm):
-    m = llm.model(tiny_flm)
-    full = _flm_logits(m, PROMPT_IDS)
-    cache = m.model.new_cache(1, 64)
-    m.model.forward(torch.tensor([PROMPT_IDS[:5]]), cache)
-    chunk = m.model.forward(torch.tensor([PROMPT_IDS[5:9]]), cache, last_only=False)[0]
-    step = m.model.forward(torch.tensor([PROMPT_IDS[9:10]]), cache)[0, -1]
-    assert torch.allclose(chunk, full[5:9], atol=1e-5)
-    assert torch.allclose(step, full[9], atol=1e-5)
-
-
 @pytest.mark.parametrize("kind,extra", [
     ("linear", {"factor": 2.0}), ("dynamic", {"factor": 2.0}),
     ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
@@ -74,9 +62,7 @@ def test_rope_scaling_matches_transformers(tmp_path, kind, extra):
     convert(src, tmp_path / "r.flm", ConvertOptions(dtype="float32", progress=False))
     m = llm.model(tmp_path / "r.flm")
     ids = (PROMPT_IDS * 3)[:40]
-    m.model.cfg.max_position_embeddings = 16  # the window check would refuse 40 tokens otherwise
-    cache = m.model.new_cache(1, 64)
-    ours = m.model.forward(torch.tensor([ids]), cache, last_only=False)[0]
+    ours = m.backend.score(ids)
     theirs = _hf_logits(model, ids)
     assert logits_close(ours, theirs, 1e-4)
 
@@ -265,7 +251,7 @@ def test_fastllm_written_file_without_tokenizer_json(tmp_path, writer):
 
     from fastllm_layout import flm_file, tensor_record, torch2flm_kv
     from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
-    from conftest import LLAMA2_TOKENIZER, tiny_llama
+    from helpers import LLAMA2_TOKENIZER, tiny_llama
 
     reference = tiny_llama(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})
     reference.config.architectures = ["LlamaForCausalLM"]  # as from_pretrained sets it

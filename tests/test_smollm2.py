@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from checks import logits_close
+from helpers import logits_close
 from flm import llm
 from flm.convert import ConvertOptions, convert
 
@@ -49,7 +49,7 @@ def flm_files(tmp_path_factory, smollm2_dir):
 
 
 def _logits(m, ids):
-    return m.model.forward(torch.tensor([ids]), m.model.new_cache(1, len(ids)), last_only=False)[0]
+    return m.backend.score(ids)
 
 
 def test_tokenizer_and_chat_template_match(flm_files, hf_tokenizer):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 from corpus import corpus_documents, corpus_lines
 from flm.errors import CheckpointError, TemplateError
 from flm.format.flm import VocabEntry

@@ -6,7 +6,7 @@ rows of odd length are declined."""
 import pytest
 import torch
 
-from checks import QUANTIZED, fused_rounds_input_once
+from helpers import QUANTIZED, fused_rounds_input_once
 from flm.kernels import FusedLinear, TritonLinear
 from flm.kernels import triton_linear
 from flm.kernels.triton_linear import GEMV_ROWS, TritonWeight, supports, triton_product

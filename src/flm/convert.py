@@ -19,10 +19,11 @@ from tqdm import tqdm
 from . import __version__
 from .config import NORMALIZED_KEY, TEMPLATE_KEYS, ModelConfig, parse_scalar
 from .errors import CheckpointError, TemplateError
-from .families import EMBEDDING, LINEAR, find_family
+from .families import find_family
 from .format.flm import FlmWriter
 from .format.delta import DeltaSource
 from .format.hf import HFCheckpoint, TensorSource
+from .layout import EMBEDDING, LINEAR
 from .errors import UnsupportedDtypeError
 from .quant import QUANTIZERS, DType, choose_group_size, parse_dtype
 from .templates import PRESETS, Template, guess_preset, preset

@@ -14,13 +14,14 @@ from typing import Any, Iterator
 
 import torch
 
+from .backends import choose_backend
 from .config import NORMALIZED_KEY, ModelConfig, parse_scalar
 from .convert import CHAT_TEMPLATE_KEY, TEMPLATE_SOURCE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
 from .errors import FlmError, FlmFormatError, TemplateError
 from .families import find_family
 from .format.flm import FlmFile, read_flm, rewrite_flm
 from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
-from .model import Transformer
+from .loader import load_transformer
 from .templates import PRESETS, Template, render_chat_template, template_from_kv
 from .tokenizer import StreamDecoder, Tokenizer
 from .vocab_tokenizer import tokenizer_from_vocab
@@ -76,7 +77,8 @@ class model:  # noqa: N801 - fastllm's class name
         device = _checked_device(device)
         self._flm = read_flm(path)
         self.config = _config_adopting_names(self._flm)
-        self.model = Transformer.from_flm(self._flm, self.config, reference=reference, device=device)
+        self.model = load_transformer(self._flm, self.config, reference=reference, device=device)
+        self.backend = choose_backend(self.model)
         kv = self._flm.kv
         self.model_type = self.config.model_type
         self.direct_query = False
@@ -144,7 +146,7 @@ class model:  # noqa: N801 - fastllm's class name
                               list(stop_token_ids or []), seed)
 
     def generate_ids(self, input_ids: list[int], sampling: SamplingConfig) -> Iterator[int]:
-        return generate(self.model, input_ids, sampling, self.eos_ids)
+        return generate(self.backend, input_ids, sampling, self.eos_ids)
 
     def stream_response(self, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
                         do_sample: bool = True, top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0,
@@ -182,8 +184,7 @@ class model:  # noqa: N801 - fastllm's class name
         """Next-token logits after the prompt (float32, one per vocab entry)."""
         prompt = query if self.direct_query else self.get_prompt(query, history)
         ids = tokenizer.encode(prompt) if tokenizer is not None else self.encode_prompt(prompt)
-        cache = self.model.new_cache(1, len(ids) + 1)
-        return self.model.forward(torch.tensor([ids]), cache)[0, -1].tolist()
+        return self.backend.prefill(ids, self.backend.new_cache(len(ids), initial=len(ids))).tolist()
 
     def chat(self, tokenizer: Any, query: str, history: list[tuple[str, str]] | None = None, max_length: int = 8192,
              do_sample: bool = True, top_p: float = 0.8, top_k: int = 1, temperature: float = 1.0,

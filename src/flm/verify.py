@@ -80,7 +80,7 @@ def verify(model_dir: str | Path, flm_path: str | Path, new_tokens: int = 8,
     quantized = any(rec.dtype not in FLOAT_DTYPES for rec in model._flm.tensors.values())
 
     def ours(ids: list[int]) -> torch.Tensor:
-        return model.model.forward(torch.tensor([ids]), model.model.new_cache(1, len(ids)), last_only=False)[0]
+        return model.backend.score(ids)
 
     reference_name, theirs, keep = _reference(Path(model_dir))
     report = VerifyReport(reference_name, quantized)
@@ -112,7 +112,7 @@ def _reference(model_dir: Path):
         ref = llm.model(path)
 
         def run(ids: list[int]) -> torch.Tensor:
-            return ref.model.forward(torch.tensor([ids]), ref.model.new_cache(1, len(ids)), last_only=False)[0]
+            return ref.backend.score(ids)
 
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         return f"flm float32 conversion of {model_dir} (transformers could not load it: {reason})", run, (tmp, ref)

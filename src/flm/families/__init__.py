@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import as_str_list
 from ..errors import UnknownFamilyError
-from .base import EMBEDDING, LINEAR, PLAIN, Family, OutputTensor, canonical_shapes, tensor_kind
+from .base import Family, OutputTensor
 from .internlm import InternLMFamily
 from .internlm2 import InternLM2Family
 from .llama import LlamaFamily
@@ -33,5 +33,4 @@ def find_family(raw_config: dict[str, Any]) -> Family:
     )
 
 
-__all__ = ["EMBEDDING", "FAMILIES", "Family", "LINEAR", "OutputTensor", "PLAIN", "canonical_shapes",
-           "find_family", "tensor_kind"]
+__all__ = ["FAMILIES", "Family", "OutputTensor", "find_family"]

@@ -1,9 +1,8 @@
-"""What every family adapter provides, and the LLaMA tensor layout they all map onto.
+"""What every family adapter provides.
 
-The runtime and the .flm files use Hugging Face LLaMA tensor names (`model.layers.N.self_attn.
-q_proj.weight`, ...), the names fastllm's own LLaMA model reads. An adapter turns a family's
-config keys into a ModelConfig and its tensors into that layout (renaming, splitting packed
-tensors), checking every shape against the config before anything is written.
+An adapter turns a family's config keys into a ModelConfig and its tensors into the layout of
+`flm.layout` (Hugging Face LLaMA names: renaming, splitting packed tensors), checking every
+shape against the config before anything is written.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from ..config import ModelConfig, as_int_list, as_str_list, parse_scalar, requir
 from ..errors import CheckpointError, FlmFormatError
 from ..format.flm import FlmFile, rows_of
 from ..format.hf import TensorSource
-
-LINEAR, EMBEDDING, PLAIN = "linear", "embedding", "plain"
+from ..layout import canonical_shapes, layer_shapes, tensor_kind
 
 
 @dataclass
@@ -51,50 +49,6 @@ def split_packed(flm: FlmFile, packed: str, pieces: dict[str, torch.Tensor]) -> 
     for name, rows in pieces.items():
         flm.tensors[name] = rows_of(flm, rec, rows, name)
     del flm.tensors[packed]
-
-
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical per-layer tensor shapes (suffix after `model.layers.N.`)."""
-    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    q = cfg.num_attention_heads * cfg.head_dim
-    shapes = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-        "mlp.up_proj.weight": (cfg.intermediate_size, h),
-        "mlp.down_proj.weight": (h, cfg.intermediate_size),
-    }
-    if cfg.qkv_bias:
-        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if cfg.o_bias:
-        shapes["self_attn.o_proj.bias"] = (h,)
-    if cfg.mlp_bias:
-        shapes.update({"mlp.gate_proj.bias": (cfg.intermediate_size,), "mlp.up_proj.bias": (cfg.intermediate_size,),
-                       "mlp.down_proj.bias": (h,)})
-    return shapes
-
-
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape the runtime expects, in file order."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
-    for i in range(cfg.num_hidden_layers):
-        for suffix, shape in layer_shapes(cfg).items():
-            shapes[f"model.layers.{i}.{suffix}"] = shape
-    shapes["model.norm.weight"] = (cfg.hidden_size,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    return shapes
-
-
-def tensor_kind(name: str) -> str:
-    if name == "model.embed_tokens.weight":
-        return EMBEDDING
-    if name.endswith("_proj.weight") or name == "lm_head.weight":
-        return LINEAR
-    return PLAIN
 
 
 class Family:

@@ -1,6 +1,6 @@
 """The SIMD kernels (csrc/: linear layers and the one-call decode step), compiled with torch's
 cpp_extension on first use for the widest instruction set the CPU offers (AVX-512, else AVX2
-with FMA and F16C) and cached (FLM_CACHE/torch_extensions, keyed by a hash of the sources). On a
+with FMA and F16C) and cached (paths.kernel_build_dir(), keyed by a hash of the sources). On a
 CPU with neither, without a C++ compiler, or with FLM_KERNELS=reference, flm runs on the
 plain-PyTorch reference path."""
 
@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ..paths import kernel_build_dir
 from ..quant import DType, Quantized, lowbit_params, round_input_int16
+from ..settings import setting
 
 log = logging.getLogger("flm")
 CSRC = Path(__file__).parent / "csrc"
@@ -29,9 +30,6 @@ ISAS = (
     ("avx512", _AVX512_NEEDS, _AVX512_FLAGS),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 )
-KIND = {DType.BFLOAT16: 0, DType.FLOAT16: 1, DType.INT8: 2, DType.INT4_NOZERO: 3, DType.INT4_GROUP: 3,
-        DType.FLOAT32: 4}
-TORCH_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 4}
 # Up to this many x rows the SIMD kernel computes from the stored weights (past 8 rows in
 # cache-sized blocks: rows_blocked/rows_widened in linear_simd.cpp); beyond, the weights are
 # widened a block at a time for torch's float32 GEMM (prefill_gemm). See bench/RESULTS.md for the
@@ -46,7 +44,7 @@ def cpu_isa() -> tuple[str, list[str]] | None:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return None
-    forced = os.environ.get("FLM_ISA", "").lower()
+    forced = setting("FLM_ISA")
     for name, needs, cflags in ISAS:
         if forced and name != forced:
             continue
@@ -58,7 +56,7 @@ def cpu_isa() -> tuple[str, list[str]] | None:
 @lru_cache(maxsize=1)
 def native():
     """The compiled module, or None when the fast path is unavailable (the reason is logged)."""
-    if os.environ.get("FLM_KERNELS", "").lower() == "reference":
+    if setting("FLM_KERNELS") == "reference":
         return None
     isa = cpu_isa()
     if isa is None:
@@ -67,14 +65,12 @@ def native():
     name, cflags = isa
     from torch.utils.cpp_extension import load
 
-    from ..builtin import cache_dir
-
     # -ffp-contract=off: the scalar ends of the tiles (y * scale + shift) round the same in every
     # template instance, so a batch's rows equal each row computed alone bit for bit (int4)
     flags = ["-O3", "-fopenmp", "-ffp-contract=off", *cflags]
     sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
     digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:10]  # a new build when either changes
-    build = cache_dir() / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
+    build = kernel_build_dir() / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         log.info("compiling the %s kernels once (a minute or two; cached in %s)", name, build)
@@ -92,22 +88,30 @@ def prefill_precision() -> str:
     """How prompts multiply where the CPU has AVX512-BF16: "bfloat16" (the default: x and the
     weights rounded to bf16, float32 sums, about twice as fast) or "float32" (FLM_PREFILL=float32:
     the decode kernels' arithmetic). float16 weights and other CPUs always use float32."""
-    value = os.environ.get("FLM_PREFILL", "bfloat16").lower()
-    if value not in ("bfloat16", "float32"):
-        log.warning("FLM_PREFILL=%s is neither bfloat16 nor float32; using bfloat16", value)
-        return "bfloat16"
-    return value
+    return setting("FLM_PREFILL")
 
 
-BF16_KINDS = (0, 2, 3)  # bf16, int8, int4 (float16 would lose three bits per weight in bf16)
+# The kernels' weight kinds (csrc/kinds.h) of the stored dtypes they read.
+_KIND_NAMES = {DType.BFLOAT16: "BF16", DType.FLOAT16: "FP16", DType.INT8: "INT8", DType.INT4_NOZERO: "INT4",
+               DType.INT4_GROUP: "INT4", DType.FLOAT32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16",
+               torch.float32: "FP32"}
+
+
+def weight_kind(dtype: DType | torch.dtype):
+    """The extension's Kind for weights stored as `dtype` (a .flm dtype or a torch float dtype)."""
+    return getattr(native().Kind, _KIND_NAMES[dtype])
+
+
 BF16_ABOVE = 8  # tokens: the decode tiles take up to 8 x rows (linear_simd.cpp, BLOCKED_ABOVE)
 
 
-def prompt_in_bf16(kind: int, tokens: int) -> bool:
+def prompt_in_bf16(kind, tokens: int) -> bool:
     """Whether `tokens` tokens of one sequence (a prompt, never a batch of decode steps, whose
-    outputs must not depend on the batch) multiply in bfloat16 (prefill_bf16.cpp)."""
-    return (tokens > BF16_ABOVE and kind in BF16_KINDS and native().has_prefill_bf16()
-            and prefill_precision() == "bfloat16")
+    outputs must not depend on the batch) multiply in bfloat16 (prefill_bf16.cpp): bf16, int8
+    and int4 weights (float16 ones would lose three bits per weight in bf16)."""
+    module = native()
+    return (tokens > BF16_ABOVE and kind in (module.Kind.BF16, module.Kind.INT8, module.Kind.INT4)
+            and module.has_prefill_bf16() and prefill_precision() == "bfloat16")
 
 
 class NativeParams:
@@ -117,11 +121,10 @@ class NativeParams:
         self.n, self.k = shape
         empty = torch.empty(0)
         self.scale, self.shift, self.group, self.groups_per_row = empty, empty, self.k, 1
+        self.kind = weight_kind(weight.dtype)
         if isinstance(weight, torch.Tensor):
-            self.kind = TORCH_KIND[weight.dtype]
             self.data = weight.contiguous()
             return
-        self.kind = KIND[weight.dtype]
         if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):  # raw bytes, possibly at an odd address
             self.data = weight.data.reshape(self.n, 2 * self.k)
             return
@@ -139,7 +142,7 @@ class NativeParams:
     @property
     def rounds_input(self) -> bool:
         """Whether the kernel multiplies round_input_int16(x) (the int4 kinds)."""
-        return self.kind == KIND[DType.INT4_NOZERO]
+        return self.kind == native().Kind.INT4
 
     @staticmethod
     def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:
@@ -148,7 +151,7 @@ class NativeParams:
         if k % 32 or data.device.type != "cpu":
             return False
         if isinstance(weight, torch.Tensor):
-            return weight.dtype in TORCH_KIND
+            return weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
         if weight.dtype in (DType.BFLOAT16, DType.FLOAT16):
             return True
         if weight.dtype == DType.INT4_GROUP:
@@ -162,7 +165,7 @@ class NativeParams:
 
     def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start..stop of W in float32 (into `out` [stop - start, K] when given)."""
-        if self.kind == TORCH_KIND[torch.float32]:
+        if self.kind == native().Kind.FP32:
             return self.data[start:stop]  # already what a GEMM wants: no copy
         if out is None:
             out = torch.empty(stop - start, self.k)
@@ -199,7 +202,7 @@ def prefill_gemm(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
     out = torch.empty(x.shape[0], sum(p.n for p in parts))
     col = 0
     for p in parts:
-        as_stored = p.kind == TORCH_KIND[torch.float32]  # one GEMM over the weight where it lies
+        as_stored = p.kind == native().Kind.FP32  # one GEMM over the weight where it lies
         for s in range(0, p.n, p.n if as_stored else PREFILL_BLOCK):
             e = p.n if as_stored else min(s + PREFILL_BLOCK, p.n)
             block = p.rows(s, e, None if as_stored else _widen_buffer(e - s, p.k))

@@ -1,26 +1,22 @@
-"""A GPU decode step's attention in two Triton kernels instead of about twenty torch ops.
+"""A GPU decode step's RoPE, cache write and attention in two Triton kernels per layer.
 
-In a CUDA graph's one-token step every op is a kernel of a few microseconds, and the step's
-time is their count, not the bytes it reads (the 1.1B model replayed ~1,000 kernels per token
-at 1-9% of an H200's bandwidth). Per layer, `rotary_store` turns the q/k/v projection row into
-a rotated query and writes the rotated key and the value into the cache at the position (it
-replaced the split, both rotate-halfs, the cos/sin lookups and the cache writes), and
-`decode_attention` runs softmax(q k^T / sqrt(d)) v over the cache up to the position, in
-blocks with a running maximum (it replaced the two matmuls, the scale, the mask and the
-softmax, and it reads only the visible slots where the torch step covered the whole cache).
-Both read the position from a device tensor, so one recorded graph serves every step. One
-launch serves a batch of sequences too (the server's step), each at its own position in its own
-cache, found through a device table of the caches' addresses (`CacheAddresses`): the torch
-spelling of that step ran a cache write and an attention per sequence and layer, some 20 kernels
-per sequence and layer. Float32 throughout, the formulas of `rope.apply_rotary` and
-`model._single_query_attention`; tests compare them through Triton's interpreter on the CPU.
+In a CUDA graph's one-token step every op is a kernel of a few microseconds, so the step's time
+is their count, not the bytes it reads; in torch ops these parts were about twenty kernels per
+layer (bench/RESULTS.md, "Fused decode attention"). Per layer, `rotary_store` turns the q/k/v
+projection row into a rotated query and writes the rotated key and the value into the cache at
+the position, and `decode_attention` runs softmax(q k^T / sqrt(d)) v over the cache's visible
+slots, in blocks with a running maximum. Both read the positions from a device tensor, so one
+recorded graph serves every step, and one launch serves a batch of sequences, each at its own
+position in its own cache, found through a device table of the caches' addresses
+(`CacheAddresses`). Float32 throughout, the formulas of `rope.apply_rotary` and `model.attend`;
+the tests compare them through Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .triton_linear import available, triton
+from .triton_linear import triton
 
 if triton is not None:
     import triton.language as tl
@@ -104,32 +100,32 @@ if triton is not None:
 BLOCK_SLOTS = 32  # cache slots per attention block
 
 
-def applies(device: torch.device) -> bool:
-    """The fused step runs where the Triton linears do: Triton imports and the model is on a GPU."""
-    return available() and device.type == "cuda"
-
-
 class CacheAddresses:
     """Where each sequence's keys and values lie, layer by layer, for kernels that serve several
     sequences in one launch although each has its own cache tensors (of its own capacity): a
     device table of their addresses [layers, sequences, 2] and of the capacities [sequences].
-    Made once per cache storage (a CUDA graph's step replays over one) or per batched step (the
-    server's sequences come and go); it holds the tensors, so the addresses stay valid."""
+    It holds the tensors while kernels that read them may be queued, so the addresses stay valid."""
 
     def __init__(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]):
-        """keys[s][i], values[s][i]: sequence s's layer i, [1, kv_heads, capacity, head_dim]
+        """keys[s][i], values[s][i]: sequence s's layer i, [kv_heads, capacity, head_dim]
         float32, contiguous, on the GPU (or on the CPU for Triton's interpreter)."""
         first = keys[0][0]
         self.kv_heads, self.head_dim = first.shape[-3], first.shape[-1]
-        table, capacities = self._host_tables(keys, values)
-        self.table, self.capacities = table.to(first.device), capacities.to(first.device)
+        self.held = self._host_tables(keys, values)
+        table, capacities = self.held
+        self.table = torch.tensor(table, dtype=torch.int64).transpose(0, 1).contiguous().to(first.device)
+        self.capacities = torch.tensor(capacities, dtype=torch.int64).to(first.device)
         self.tensors = (keys, values)
 
     def point_to(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> None:
-        """Refill the tables in place with as many other caches (a recorded graph reads them)."""
-        table, capacities = self._host_tables(keys, values)
-        self.table.copy_(table)
-        self.capacities.copy_(capacities)
+        """Refill the tables in place with as many other caches (a recorded graph reads them);
+        nothing is copied when every address and capacity is the one already there."""
+        held = self._host_tables(keys, values)
+        if held != self.held:
+            table, capacities = held
+            self.table.copy_(torch.tensor(table, dtype=torch.int64).transpose(0, 1))
+            self.capacities.copy_(torch.tensor(capacities, dtype=torch.int64))
+            self.held = held
         self.tensors = (keys, values)
 
     def forget(self) -> None:
@@ -139,14 +135,13 @@ class CacheAddresses:
         self.tensors = None
 
     def _host_tables(self, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]):
+        """([sequences][layers][2] addresses, [sequences] capacities) as Python lists."""
         for tensor in (t for seq in keys + values for t in seq):
             assert tensor.dtype == torch.float32 and tensor.is_contiguous()
             assert tensor.shape[-3] == self.kv_heads and tensor.shape[-1] == self.head_dim
         table = [[[k.data_ptr(), v.data_ptr()] for k, v in zip(seq_keys, seq_values)]
-                 for seq_keys, seq_values in zip(keys, values)]  # [sequences, layers, 2]
-        capacities = [seq[0].shape[-2] for seq in keys]
-        return (torch.tensor(table, dtype=torch.int64).transpose(0, 1).contiguous(),
-                torch.tensor(capacities, dtype=torch.int64))
+                 for seq_keys, seq_values in zip(keys, values)]
+        return table, [seq[0].shape[-2] for seq in keys]
 
 
 def rotary_store(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor,

@@ -2,22 +2,20 @@
 
 The kernel reads the weight bytes as the file stores them and widens them in registers with
 fastllm's formula (`quant.Dequantizer`'s scale and offset), so a decode step reads 2, 1 or 0.5
-bytes per weight; a prefill widens blocks of rows with the same formula for cuBLAS. Without it
-a GPU widened blocks of rows into float32 buffers with torch ops at every call: several passes
-over 4 bytes per weight (the 1.1B model on one H200, one run: decode float16 117 -> 169 tok/s,
-int4g 42 -> 50, prefill int4g 1712 -> 3053). Activations and sums stay float32 (no TF32), as on
-the CPU. Used where Triton
-imports and the weight lives on a CUDA device (FLM_KERNELS=reference: the torch-op path); tests
-run the same kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+bytes per weight; a prefill widens blocks of rows with the same formula for cuBLAS. The torch-op
+path instead widens blocks of rows into float32 buffers at every call, several passes over 4
+bytes per weight (bench/RESULTS.md, "Triton linears"). Activations and sums stay float32 (no
+TF32), as on the CPU. Used where Triton imports and the weight lives on a CUDA device
+(FLM_KERNELS=reference: the torch-op path); tests run the same kernels on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..quant import INT16_INPUT_DTYPES, Dequantizer, DType, Quantized, round_input_int16
+from ..settings import setting
 
 try:
     import triton
@@ -36,7 +34,7 @@ BITS = {DType.INT8: 8, DType.INT4: 4, DType.INT4_NOZERO: 4, DType.INT4_GROUP: 4}
 
 def available() -> bool:
     """Triton imports and FLM_KERNELS=reference does not ask for the plain-PyTorch path."""
-    return triton is not None and os.environ.get("FLM_KERNELS", "").lower() != "reference"
+    return triton is not None and setting("FLM_KERNELS") != "reference"
 
 
 def supports(weight: torch.Tensor | Quantized, shape: tuple[int, int]) -> bool:

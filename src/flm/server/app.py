@@ -153,7 +153,7 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         try:
             eos = set() if ignore_eos else app_state.model.eos_ids
-            sequence = Sequence(app_state.model.model, prompt_ids, sampling, eos)
+            sequence = Sequence(app_state.model.backend, prompt_ids, sampling, eos)
         except ContextOverflowError as exc:
             raise ApiError(400, str(exc), code="context_length_exceeded", param="messages") from None
         self.job = Job(sequence, self._emit)
@@ -213,7 +213,7 @@ def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: 
                background_scheduler: bool = True) -> Starlette:
     """The ASGI app. With background_scheduler=False the caller runs `app.state.flm.scheduler.run()`
     itself (on the main thread, as `flm serve` does)."""
-    scheduler = Scheduler(model.model, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(model.backend, max_batch=max_batch, max_queue=max_queue)
     state = State(model, scheduler, config)
 
     def check_key(request: Request) -> None:

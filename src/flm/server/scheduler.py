@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..backends import Backend
 from ..generate import Sequence
 
 log = logging.getLogger("flm")
@@ -47,8 +48,8 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 32):
-        self.model = model
+    def __init__(self, backend: Backend, max_batch: int = 8, max_queue: int = 32):
+        self.backend = backend
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[tuple[Job, int]] = []  # (job, last token not yet fed)
@@ -145,7 +146,7 @@ class Scheduler:
         self.running = []
         if not live:
             return
-        logits = self.model.decode_batch([token for _, token in live], [job.sequence.cache for job, _ in live])
+        logits = self.backend.step([token for _, token in live], [job.sequence.cache for job, _ in live])
         self.steps += 1
         for row, (job, _) in enumerate(live):
             self._deliver(job, job.sequence.choose(logits[row]))

@@ -1,10 +1,9 @@
-// One decode step through every layer in one call: for B sequences, one new token each,
-// RMSNorm -> fused q/k/v -> RoPE -> KV-cache write -> attention -> o -> residual -> RMSNorm ->
-// fused gate/up -> SiLU * up -> down -> residual, on plain float buffers; token_logits also
-// looks up the embedding and rotary rows and ends with the final norm and output layer. Driving
-// the same work from Python costs about twenty ATen ops per layer, which on a 135M model took as
-// long as reading the weights; here only the linear kernels and the attention open parallel
-// regions.
+// One decode step in one call: for B sequences, one new token each, from the token ids to the
+// logits: embedding row -> per layer RMSNorm -> fused q/k/v -> RoPE -> KV-cache write ->
+// attention -> o -> residual -> RMSNorm -> fused gate/up -> SiLU * up -> down -> residual ->
+// final norm -> output layer, on plain float buffers. Driving the same work from Python costs
+// about twenty ATen ops per layer, as long as reading a small model's weights; here only the
+// linear kernels and the attention open parallel regions.
 // The formulas are transformers' LlamaDecoderLayer in float32 (tests compare the two).
 #include "flm_kernels.h"
 #include "simd.h"
@@ -33,7 +32,7 @@ struct LinearWeights {
     }
 };
 
-LinearWeights make_linear_weights(int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+LinearWeights make_linear_weights(Kind kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                                   std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
                                   int64_t k_in, torch::Tensor bias) {
     LinearWeights lw;
@@ -74,10 +73,7 @@ inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
 // Attention works on a run of query heads that share a KV head, a block of cache rows at a time
 // for all of them while the block is in L1 (one head at a time read every row from L2 again for
 // each head of its group), its dot products without a horizontal sum per key (key_dots) and its
-// exps in vectors (vexp). Against a head at a time with a dot product and an expf per key, 1.1B
-// int4, 8 sequences, old/new in one process: the step's time at 128 positions less its time at
-// 8, 6.1 -> 3.6 ms (500 positions: 17.9 -> 14.5); decode_batch at 121 positions, with SiLU's
-// vexp: one sequence 34.5 -> 37.7 tok/s, 8: 121.3 -> 130.5.
+// exps in vectors (vexp): bench/RESULTS.md, "Attention in blocks".
 constexpr int64_t KEY_BLOCK = 32;  // cache rows: 32 x 128 float32 (16 KB) at most for head_dim 128
 
 // out[g * n + j] = q_g . k_j for `heads` query rows q_g (dim apart) and n key rows k_j (dim
@@ -198,7 +194,7 @@ class Decoder {
         layers_.push_back({input_norm, post_norm, qkv, o, gate_up, down});
     }
 
-    // The model's final RMSNorm and output layer, for step_logits.
+    // The model's final RMSNorm and output layer.
     void set_head(torch::Tensor norm, LinearWeights head) {
         TORCH_CHECK(norm.numel() == hidden_ && norm.scalar_type() == torch::kFloat && norm.is_contiguous(),
                     "norm weights must be float32 [hidden]");
@@ -208,10 +204,10 @@ class Decoder {
     }
 
     // The token embedding table, for token_logits: rows [vocab, hidden * element size] as
-    // stored, `kind` 0 bf16, 1 fp16, 4 float32 (the linear kernels' codes).
-    void set_embedding(torch::Tensor rows, int64_t kind) {
-        const int64_t size = kind == 4 ? 4 : 2;
-        TORCH_CHECK(kind == 0 || kind == 1 || kind == 4, "embedding rows must be bf16, fp16 or float32");
+    // stored, `kind` BF16, FP16 or FP32.
+    void set_embedding(torch::Tensor rows, Kind kind) {
+        const int64_t size = kind == FP32 ? 4 : 2;
+        TORCH_CHECK(kind == BF16 || kind == FP16 || kind == FP32, "embedding rows must be bf16, fp16 or float32");
         TORCH_CHECK(hidden_ % W == 0, "the hidden size must be a multiple of ", W, " (whole vectors)");
         TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.size(1) * rows.element_size() == hidden_ * size,
                     "embedding rows must be contiguous [vocab, hidden] of their kind");
@@ -220,54 +216,36 @@ class Decoder {
     }
 
     // One token per sequence from its id to logits [B, vocab]: the embedding row, cos/sin rows
-    // [position] of the rotary tables [rows, head_dim], the step, the final norm and output
-    // layer. Each torch op between two steps ran with caches the step had just flushed, 5-10x
-    // its warm time: per SmolLM2 token 0.2-0.6 ms less outside this call than outside the step.
+    // [position] of the rotary tables [rows, head_dim], every layer, the final norm and output
+    // layer, all in this call: each torch op between two steps ran with caches the step had just
+    // flushed, several times slower than warm (bench/RESULTS.md, "Decode step in C++").
+    // keys/values: B * layers tensors (sequence-major), each [kv_heads, capacity, head_dim]
+    // float32; token b is written at positions[b] and attends to keys
+    // max(0, positions[b] - window + 1) ..= positions[b] (window 0: all).
     torch::Tensor token_logits(const std::vector<int64_t> &tokens, const std::vector<torch::Tensor> &keys,
                                const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions,
                                torch::Tensor cos_table, torch::Tensor sin_table, int64_t window) {
-        TORCH_CHECK(embed_.defined(), "no embedding table was set");
+        TORCH_CHECK(embed_.defined() && head_.n > 0, "the embedding table and the output layer must be set");
         const int64_t B = tokens.size();
         TORCH_CHECK((int64_t)positions.size() == B, "one position per token");
         for (const auto *t : {&cos_table, &sin_table})
             TORCH_CHECK(t->dim() == 2 && t->size(1) == dim_ && t->scalar_type() == torch::kFloat && t->is_contiguous(),
                         "rotary tables must be float32 [rows, head_dim]");
-        auto x = torch::empty({B, hidden_}, torch::kFloat), cos = torch::empty({B, dim_}, torch::kFloat);
-        auto sin = torch::empty({B, dim_}, torch::kFloat);
+        std::lock_guard<std::mutex> hold(busy_);  // the scratch is shared; the GIL is released
+        x_.resize(B * hidden_);
+        cos_.resize(B * dim_);
+        sin_.resize(B * dim_);
         for (int64_t b = 0; b < B; ++b) {
             TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed_.size(0), "token id ", tokens[b], " outside the vocabulary");
             TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_table.size(0), "position beyond the rotary tables");
-            embedding_row(tokens[b], x.data_ptr<float>() + b * hidden_);
-            std::memcpy(cos.data_ptr<float>() + b * dim_, cos_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
-            std::memcpy(sin.data_ptr<float>() + b * dim_, sin_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
+            embedding_row(tokens[b], x_.data() + b * hidden_);
+            std::memcpy(cos_.data() + b * dim_, cos_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
+            std::memcpy(sin_.data() + b * dim_, sin_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
         }
-        return step_logits(x, keys, values, positions, cos, sin, window);
-    }
-
-    // x [B, hidden] float32, updated in place and returned. keys/values: B * layers tensors
-    // (sequence-major), each [kv_heads, capacity, head_dim] float32; token b is written at
-    // positions[b] and attends to keys max(0, positions[b] - window + 1) ..= positions[b]
-    // (window 0: all). cos, sin: [B, head_dim] for each token's position.
-    torch::Tensor step(torch::Tensor x, const std::vector<torch::Tensor> &keys, const std::vector<torch::Tensor> &values,
-                       const std::vector<int64_t> &positions, torch::Tensor cos, torch::Tensor sin, int64_t window) {
-        std::lock_guard<std::mutex> hold(busy_);  // the scratch is shared; the GIL is released
-        run_layers(x, keys, values, positions, cos, sin, window);
-        return x;
-    }
-
-    // The same step, then the final norm and output layer: logits [B, vocab] (why here: see
-    // token_logits).
-    torch::Tensor step_logits(torch::Tensor x, const std::vector<torch::Tensor> &keys,
-                              const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions,
-                              torch::Tensor cos, torch::Tensor sin, int64_t window) {
-        TORCH_CHECK(head_.n > 0, "no output layer was set");
-        std::lock_guard<std::mutex> hold(busy_);
-        run_layers(x, keys, values, positions, cos, sin, window);
-        const int64_t B = x.size(0);
-        const float *xs = x.data_ptr<float>();
+        run_layers(B, keys, values, positions, window);
         for (int64_t b = 0; b < B; ++b)
-            rms_norm(xs + b * hidden_, head_norm_.data_ptr<float>(), eps_, hidden_, normed_.data() + b * hidden_);
-        auto logits = torch::empty({B, head_.n}, x.options());
+            rms_norm(x_.data() + b * hidden_, head_norm_.data_ptr<float>(), eps_, hidden_, normed_.data() + b * hidden_);
+        auto logits = torch::empty({B, head_.n}, torch::kFloat);
         head_.apply(B, normed_.data(), logits.data_ptr<float>());
         return logits;
     }
@@ -278,16 +256,12 @@ class Decoder {
         for (int64_t i = 0; i < hidden_; i += W) vstore(out + i, load_stored(embed_kind_, row, i));
     }
 
-    void run_layers(torch::Tensor x, const std::vector<torch::Tensor> &keys, const std::vector<torch::Tensor> &values,
-                    const std::vector<int64_t> &positions, torch::Tensor cos, torch::Tensor sin, int64_t window) {
-        const int64_t B = x.size(0), L = layers_.size();
-        TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-                    "x must be contiguous float32 [B, hidden]");
-        TORCH_CHECK((int64_t)positions.size() == B && (int64_t)keys.size() == B * L &&
-                        (int64_t)values.size() == B * L, "one position and one cache per layer per sequence");
-        TORCH_CHECK(cos.sizes() == torch::IntArrayRef({B, dim_}) && sin.sizes() == cos.sizes() &&
-                        cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat &&
-                        cos.is_contiguous() && sin.is_contiguous(), "cos/sin must be float32 [B, head_dim]");
+    // Every layer on x_ [B, hidden] with the rotary rows cos_/sin_ [B, head_dim].
+    void run_layers(int64_t B, const std::vector<torch::Tensor> &keys, const std::vector<torch::Tensor> &values,
+                    const std::vector<int64_t> &positions, int64_t window) {
+        const int64_t L = layers_.size();
+        TORCH_CHECK((int64_t)keys.size() == B * L && (int64_t)values.size() == B * L,
+                    "one cache per layer per sequence");
         for (int64_t c = 0; c < B * L; ++c)
             for (const auto *t : {&keys[c], &values[c]})
                 TORCH_CHECK(t->dim() == 3 && t->size(0) == kv_heads_ && t->size(2) == dim_ &&
@@ -300,8 +274,8 @@ class Decoder {
         attn_.resize(B * q_size);
         gate_up_.resize(B * 2 * inter_);
         delta_.resize(B * hidden_);
-        float *xs = x.data_ptr<float>();
-        const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
+        float *xs = x_.data();
+        const float *cs = cos_.data(), *sn = sin_.data();
         for (int64_t l = 0; l < L; ++l) {
             const DecoderLayer &layer = layers_[l];
             for (int64_t b = 0; b < B; ++b)
@@ -371,9 +345,9 @@ class Decoder {
     float eps_;
     std::vector<DecoderLayer> layers_;
     torch::Tensor head_norm_, embed_;
-    int64_t embed_kind_ = -1;
+    Kind embed_kind_ = FP32;
     LinearWeights head_;  // n = 0 until set_head
-    std::vector<float> normed_, qkv_, attn_, gate_up_, delta_;  // scratch, reused every step
+    std::vector<float> x_, cos_, sin_, normed_, qkv_, attn_, gate_up_, delta_;  // scratch, reused every step
     std::mutex busy_;
 };
 
@@ -385,11 +359,7 @@ void bind_decoder(pybind11::module &m) {
         .def("add_layer", &Decoder::add_layer)
         .def("set_head", &Decoder::set_head)
         .def("set_embedding", &Decoder::set_embedding)
-        .def("token_logits", &Decoder::token_logits, "token ids to logits: embedding, step, norm, output layer",
-             pybind11::call_guard<pybind11::gil_scoped_release>())
-        .def("step", &Decoder::step, "one token per sequence through every layer",
-             pybind11::call_guard<pybind11::gil_scoped_release>())
-        .def("step_logits", &Decoder::step_logits, "step, then the final norm and output layer: logits",
+        .def("token_logits", &Decoder::token_logits, "token ids to logits: embedding, layers, norm, output layer",
              pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 

@@ -8,13 +8,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "kinds.h"
+
 namespace flm {
 
-// Weight kinds:   0 bf16, 1 fp16, 2 int8 (w = q * scale + shift, shift = -zero * scale),
-//                 3 int4 with per-group (lo, scale): w = lo + scale * q, nibbles high-first
-//                 (per-row int4 is the case group = K), 4 float32.
+// A weight of one of the kinds of kinds.h, as the kernels read it.
 struct Params {
-    int kind;
+    Kind kind;
     const uint8_t *w;       // packed weights, row-major
     int64_t row_bytes;      // bytes per weight row
     const float *scale;     // int8: [N]; int4: [N * groups]
@@ -25,7 +25,7 @@ struct Params {
 };
 
 // Checks the weight rows hold K elements of `kind`.
-Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
+Params make_params(Kind kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
                    int64_t group, int64_t groups_per_row, int64_t k_in);
 
 // y[M, sum of n] = x[M, K] times the weights' transposes, outputs side by side; all parts share
@@ -80,11 +80,11 @@ void parallel_parts(const std::vector<Params> &parts, float *y, int64_t chunk, B
 }
 
 // The same for torch tensors; in_bf16: through linear_bf16 (a prompt), else linear_raw.
-torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+torch::Tensor linear(torch::Tensor x, Kind kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
                      std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16, bool steps);
 // Rows [row0, row1) of W as float32, written into `out` ([row1 - row0, k_in], contiguous).
-void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
+void dequantize_rows(Kind kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
                      int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out);
 
 }  // namespace flm

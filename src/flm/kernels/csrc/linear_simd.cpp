@@ -8,7 +8,7 @@
 // One source, two instruction sets: compiled with -mavx512f it uses 16-lane AVX-512 vectors,
 // otherwise 8-lane AVX2 (+FMA, F16C). Only the primitives in simd.h differ; the loops are shared.
 //
-// Weight kinds: see flm_kernels.h.
+// Weight kinds: see kinds.h.
 #include "flm_kernels.h"
 #include "simd.h"
 #include "weights.h"
@@ -34,10 +34,11 @@ struct Span {
     bool carry, finish;
 };
 
-// Template KIND 5 is int4 (kind 3) with 32-element groups known at compile time, so that the
-// per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop cost ~30% there).
+// A template-only kind: INT4 with 32-element groups known at compile time, so that the
+// per-group loop unrolls (SmolLM2-style Q4_1 group size; bench/RESULTS.md, "int4 group loops").
+constexpr int INT4_G32 = 5;
 template <int KIND>
-constexpr bool is_int4 = KIND == 3 || KIND == 5;
+constexpr bool is_int4 = KIND == INT4 || KIND == INT4_G32;
 
 constexpr int HALF = 16 / W;  // vectors per 16 even (or odd) int4 values
 
@@ -131,7 +132,7 @@ inline void int4_pair_sums(const uint8_t *const (&rows)[2 * PAIRS], int64_t ahea
 // codes of a longer group (the sums stay below 2^31), never across a group's end.
 template <int KIND, typename Body>
 inline void for_int4_blocks(const Params &p, int64_t begin, int64_t end, Body &&body) {
-    if constexpr (KIND == 5) {  // groups of 32 known at compile time: one block per group
+    if constexpr (KIND == INT4_G32) {  // groups of 32 known at compile time: one block per group
         for (int64_t c = begin; c < end; c += 32) body(c, c + 32, c / 32);
     } else {
         for (int64_t g = begin / p.group; g * p.group < end; ++g) {
@@ -176,7 +177,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
             }
         });
     } else {
-        constexpr int BYTES = KIND == 2 ? 1 : KIND == 4 ? 4 : 2;  // per weight
+        constexpr int BYTES = KIND == INT8 ? 1 : KIND == FP32 ? 4 : 2;  // per weight
         for (int64_t k = ks.begin; k < ks.end; k += W) {
             if (PREFETCH && (k * BYTES) % 64 == 0)
                 for (int r = 0; r < NR; ++r) _mm_prefetch((const char *)rows[r] + ahead + k * BYTES, _MM_HINT_T0);
@@ -194,7 +195,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
             float &o = out[i * n_out + r];
             if (ks.carry) y += o;
             if (ks.finish) {
-                if (KIND == 2) y = int8_output(p, n + r, y, xsum[i]);
+                if (KIND == INT8) y = int8_output(p, n + r, y, xsum[i]);
                 if constexpr (is_int4<KIND>)  // xq's scale; the groups' shift terms, one dot product per row
                     y = y * in.xscale[i] + dot(p.shift + (n + r) * p.groups_per_row, xsum + i * p.groups_per_row, p.groups_per_row);
             }
@@ -231,7 +232,7 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 // 18.35 -> 21.0 and 18.65 -> 20.4, SmolLM2 int8 100.6 -> 114.5 (medians of 4-6 rounds).
 // float32 rows keep the tiles past 1024 columns and no prefetch: with both, SmolLM2 float32
 // decode went 43.1 -> 38.9 tok/s (medians of six alternating rounds).
-inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != 4 || k_in <= 1024); }
+inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != FP32 || k_in <= 1024); }
 constexpr int64_t IN_ORDER_STEP = 64;  // columns per step of rows_in_order (its chains times W)
 
 template <int KIND, int NR>
@@ -248,9 +249,9 @@ void rows_in_order_by(const Params &p, int64_t begin, int64_t end, const Input &
     // 2 GB of float16 rows, medians of ten: 31.5 GB/s without, 20.7 with; 1.1B float16 decode,
     // three alternations: 9.5-11.6 -> 10.6-12.5 tok/s. bf16 and int8 rows (64-byte split loads)
     // and SmolLM2's float16 (mostly from L3) moved within noise either way.
-    constexpr bool PREFETCH = KIND != 4 && !(KIND == 1 && W == 16);
+    constexpr bool PREFETCH = KIND != FP32 && !(KIND == FP16 && W == 16);
     constexpr int64_t AHEAD = 1024;
-    constexpr int64_t BYTES = KIND == 2 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
+    constexpr int64_t BYTES = KIND == INT8 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
     constexpr int SPLIT = split_loads(KIND);  // vectors (chains) per load, x reordered to match
     for (int64_t n = begin; n < end; n += NR) {
         const uint8_t *rows[NR];
@@ -284,7 +285,7 @@ void rows_in_order_by(const Params &p, int64_t begin, int64_t end, const Input &
             for (int64_t t = k, c = 0; t < k_in; t += W, ++c) acc[r][c] = vfma(load_stored(KIND, rows[r], t), vload(xs.x + t), acc[r][c]);
             for (int c = 1; c < CHAINS; ++c) acc[r][0] = vadd(acc[r][0], acc[r][c]);
             const float y = vsum(acc[r][0]);
-            ys[n + r] = KIND == 2 ? int8_output(p, n + r, y, xs.sums[0]) : y;
+            ys[n + r] = KIND == INT8 ? int8_output(p, n + r, y, xs.sums[0]) : y;
         }
     }
 }
@@ -486,7 +487,7 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
                 for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
                 return;
             }
-            constexpr int ONE_X_NR = KIND == 5 ? 4 : 2;
+            constexpr int ONE_X_NR = KIND == INT4_G32 ? 4 : 2;
             for (; n + ONE_X_NR <= end; n += ONE_X_NR) int4_tile_one_x<KIND, ONE_X_NR>(p, n, xs, k_in, ys + n);
             for (; n < end; ++n) int4_tile_one_x<KIND, 1>(p, n, xs, k_in, ys + n);
             return;
@@ -573,9 +574,9 @@ void rows_widened(const Params &p, int64_t begin, int64_t end, int64_t M, const 
             const int64_t kc = std::min(KCW, k_in - k0);
             widen(p, n0, n1, k0, kc, block.data());
             // the block as float32 rows 0..n1 - n0 of kc columns; x from column k0; outputs from column n0
-            const Params wide{4, (const uint8_t *)block.data(), kc * 4, nullptr, nullptr, kc, 1, n1 - n0};
+            const Params wide{FP32, (const uint8_t *)block.data(), kc * 4, nullptr, nullptr, kc, 1, n1 - n0};
             const Input xk{x + k0, nullptr, nullptr, nullptr, 0};
-            block_tiles<4, 3>(wide, 0, n1 - n0, M, xk, k_in, Span{0, kc, k0 > 0, true}, ys + n0, n_out);
+            block_tiles<FP32, 3>(wide, 0, n1 - n0, M, xk, k_in, Span{0, kc, k0 > 0, true}, ys + n0, n_out);
         }
     }
 }
@@ -639,16 +640,16 @@ void round_input_float(const float *x, int64_t M, int64_t k_in, float *xr) {
 
 }  // namespace
 
-Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
+Params make_params(Kind kind, const torch::Tensor &w, const torch::Tensor &scale, const torch::Tensor &shift,
                    int64_t group, int64_t groups_per_row, int64_t k_in) {
     TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "weights must be a contiguous 2-D tensor");
     const int64_t row_bytes = w.size(1) * (int64_t)w.element_size();
-    const int64_t expected = kind == 2 ? k_in : kind == 3 ? k_in / 2 : kind == 4 ? 4 * k_in : 2 * k_in;
+    const int64_t expected = kind == INT8 ? k_in : kind == INT4 ? k_in / 2 : kind == FP32 ? 4 * k_in : 2 * k_in;
     TORCH_CHECK(row_bytes == expected, "weight rows hold ", row_bytes, " bytes; K = ", k_in, " needs ", expected);
-    TORCH_CHECK(kind != 3 || group % 32 == 0, "int4 groups must be a multiple of 32");
-    TORCH_CHECK(kind != 4 || w.scalar_type() == torch::kFloat, "kind 4 weights must be float32");
-    Params p{(int)kind, (const uint8_t *)w.data_ptr(), row_bytes, nullptr, nullptr, group, groups_per_row, w.size(0)};
-    if (kind == 2 || kind == 3) {
+    TORCH_CHECK(kind != INT4 || group % 32 == 0, "int4 groups must be a multiple of 32");
+    TORCH_CHECK(kind != FP32 || w.scalar_type() == torch::kFloat, "FP32 weights must be float32 tensors");
+    Params p{kind, (const uint8_t *)w.data_ptr(), row_bytes, nullptr, nullptr, group, groups_per_row, w.size(0)};
+    if (kind == INT8 || kind == INT4) {
         TORCH_CHECK(scale.scalar_type() == torch::kFloat && shift.scalar_type() == torch::kFloat, "float32 params");
         p.scale = scale.data_ptr<float>();
         p.shift = shift.data_ptr<float>();
@@ -658,7 +659,7 @@ Params make_params(int64_t kind, const torch::Tensor &w, const torch::Tensor &sc
 
 void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_t k_in, float *ys, bool steps) {
     TORCH_CHECK(k_in % 32 == 0, "K must be a multiple of 32");
-    const int kind = ps[0].kind;
+    const Kind kind = ps[0].kind;
     int64_t n_total = 0;
     for (const Params &p : ps) n_total += p.n;
     // int4 on at least as many x rows as a group has elements: the integer tiles would rescale
@@ -668,26 +669,26 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     // a prompt past the decode tiles' rows: cache-sized blocks (16 served sequences through the
     // blocks gave other greedy tokens than each alone: the blocks sum long rows in other spans)
     const bool blocked = M > BLOCKED_ABOVE && !steps;
-    const bool widen = kind == 3 && blocked && M >= ps[0].group;
+    const bool widen = kind == INT4 && blocked && M >= ps[0].group;
     // int4 tiles read x rounded to 16 bits and deinterleaved (widened blocks: rounded, in order;
     // one x row against split-loaded bf16 or int8 rows: reordered, xf); quantized kinds need
     // sum(x) per group (int8: per row) for the shift term. Scratch reused across calls: the
     // decode step calls this per layer.
     thread_local std::vector<float> sums, xscale, xf;
     thread_local std::vector<int16_t> xq;
-    const int64_t group = kind == 3 ? ps[0].group : k_in, sum_stride = k_in / group;
+    const int64_t group = kind == INT4 ? ps[0].group : k_in, sum_stride = k_in / group;
     sums.resize(M * sum_stride);
     Input xs{x, nullptr, nullptr, sums.data(), sum_stride};
     if (widen) {
         xf.resize(M * k_in);
         round_input_float(x, M, k_in, xf.data());
         xs.x = xf.data();
-    } else if (kind == 3) {
+    } else if (kind == INT4) {
         xq.resize(M * k_in);
         xscale.resize(M);
         round_int4_input(x, M, k_in, group, xq.data(), xscale.data(), sums.data());
         xs = {nullptr, xq.data(), xscale.data(), sums.data(), sum_stride};
-    } else if (kind == 2) {
+    } else if (kind == INT8) {
         for (int64_t i = 0; i < M; ++i) {
             vec acc = vzero();
             for (int64_t k = 0; k < k_in; k += W) acc = vadd(acc, vload(x + i * k_in + k));
@@ -712,14 +713,14 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
             return;
         }
         switch (kind) {
-        case 0: rows_any<0>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
-        case 1: rows_any<1>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
-        case 2: rows_any<2>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
-        case 3:
-            if (ps[j].group == 32) rows_any<5>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
-            else rows_any<3>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
+        case BF16: rows_any<BF16>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
+        case FP16: rows_any<FP16>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
+        case INT8: rows_any<INT8>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked); break;
+        case INT4:
+            if (ps[j].group == 32) rows_any<INT4_G32>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
+            else rows_any<INT4>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
             break;
-        default: rows_any<4>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
+        case FP32: rows_any<FP32>(ps[j], lo, hi, M, xs, k_in, yj, n_total, blocked);
         }
     });
 }
@@ -727,7 +728,7 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
 // x: [M, K] float32 contiguous times several weights of one kind, group layout and K (e.g. q,
 // k and v): returns [M, sum of their N] float32, the outputs side by side. One call and one
 // parallel region instead of one per weight.
-torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+torch::Tensor linear(torch::Tensor x, Kind kind, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
                      std::vector<torch::Tensor> shifts, int64_t group, int64_t groups_per_row,
                      std::vector<int64_t> n_outs, int64_t k_in, bool in_bf16, bool steps) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k_in,
@@ -749,7 +750,7 @@ torch::Tensor linear(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> w
 }
 
 // Rows [row0, row1) of W widened to float32, into the caller's `out` (a reused prefill buffer).
-void dequantize_rows(int64_t kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
+void dequantize_rows(Kind kind, torch::Tensor w, torch::Tensor scale, torch::Tensor shift, int64_t group,
                      int64_t groups_per_row, int64_t row0, int64_t row1, int64_t k_in, torch::Tensor out) {
     Params p = make_params(kind, w, scale, shift, group, groups_per_row, k_in);
     TORCH_CHECK(row0 >= 0 && row0 <= row1 && row1 <= p.n, "rows out of range");

@@ -48,7 +48,7 @@ void round_x(const float *x, int64_t M, int64_t k_in, uint16_t *xb, float *sums)
 void widen_row(const Params &p, int64_t n, int64_t k0, int64_t kc, uint16_t *out) {
     const uint8_t *row = p.w + n * p.row_bytes;
     for (int64_t k = 0; k < kc; k += 32) {
-        const __m512i v = p.kind == 2 ? to_bf16(load_u8(row + k0 + k), load_u8(row + k0 + k + 16))
+        const __m512i v = p.kind == INT8 ? to_bf16(load_u8(row + k0 + k), load_u8(row + k0 + k + 16))
                                       : to_bf16(load_w(p, n, k0 + k), load_w(p, n, k0 + k + 16));
         _mm512_storeu_si512(out + k, v);
     }
@@ -89,7 +89,7 @@ void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uin
         for (int64_t k0 = 0; k0 < k_in; k0 += KC) {
             const int64_t kc = std::min(KC, k_in - k0);
             for (int64_t r = 0; r < nb; ++r) {
-                if (p.kind == 0) {
+                if (p.kind == BF16) {
                     rows[r] = (const uint16_t *)(p.w + (n0 + r) * p.row_bytes) + k0;
                 } else {
                     widen_row(p, n0 + r, k0, kc, block.data() + r * kc);
@@ -108,7 +108,7 @@ void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uin
                 });
             }
         }
-        if (p.kind == 2)
+        if (p.kind == INT8)
             for (int64_t i = 0; i < M; ++i)
                 for (int64_t n = n0; n < n0 + nb; ++n) {
                     float &y = ys[i * n_out + n];
@@ -122,7 +122,7 @@ void rows_bf16(const Params &p, int64_t begin, int64_t end, int64_t M, const uin
 bool has_prefill_bf16() { return true; }
 
 void linear_bf16(const std::vector<Params> &ps, int64_t M, const float *x, int64_t k_in, float *ys) {
-    TORCH_CHECK(ps[0].kind == 0 || ps[0].kind == 2 || ps[0].kind == 3, "bfloat16 prefill takes bf16, int8 or int4");
+    TORCH_CHECK(ps[0].kind == BF16 || ps[0].kind == INT8 || ps[0].kind == INT4, "bfloat16 prefill takes bf16, int8 or int4");
     thread_local std::vector<uint16_t> xb;
     thread_local std::vector<float> sums;
     xb.resize(M * k_in);

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "kinds.h"
+
 namespace flm {
 
 // The sum of 8 float lanes: lanes k + (k + 4), then 0 + 2 and 1 + 3, then those two (the same
@@ -72,10 +74,10 @@ inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si2
 // row: bf16 GB/s 16-18 -> 20-27 (SmolLM2 shapes); 1.1B int8 decode, old/new alternating,
 // 16.0-16.9 -> 19.3-20.2 tok/s (its AVX2 build: 17.9-21.0). The AVX2 build keeps its loads:
 // bf16 pairs there were slower on the same CPU (medians of 15 samples 22.5 -> 20.3 GB/s).
-constexpr int split_loads(int kind) { return kind == 0 ? 2 : kind == 2 ? 4 : 1; }
+constexpr int split_loads(int kind) { return kind == BF16 ? 2 : kind == INT8 ? 4 : 1; }
 inline void load_split(int kind, const uint8_t *p, vec *out) {
     const __m512i v = _mm512_loadu_si512(p);
-    if (kind == 0) {  // 32 bf16: the even elements, the odd ones
+    if (kind == BF16) {  // 32 bf16: the even elements, the odd ones
         out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         out[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
     } else {  // 64 int8 codes as stored (0..255), by their place in each 4 bytes
@@ -187,13 +189,13 @@ inline int32_t evens_then_odds_i16(const float *q, int16_t *out) {
 #endif
 }
 
-// W weights of a row stored as `kind` (the kernels' codes: 0 bf16, 1 fp16, 4 float32; 2 int8
-// codes as stored, 0..255), from element k, as float32.
+// W weights of a row stored as `kind` (BF16, FP16, FP32; INT8 codes as stored, 0..255), from
+// element k, as float32.
 inline vec load_stored(int kind, const uint8_t *row, int64_t k) {
     switch (kind) {
-    case 0: return load_bf16(row + 2 * k);
-    case 1: return load_fp16(row + 2 * k);
-    case 4: return vload((const float *)row + k);
+    case BF16: return load_bf16(row + 2 * k);
+    case FP16: return load_fp16(row + 2 * k);
+    case FP32: return vload((const float *)row + k);
     default: return load_u8(row + k);
     }
 }

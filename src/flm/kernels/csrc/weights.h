@@ -10,8 +10,8 @@ namespace flm {
 inline vec load_w(const Params &p, int64_t n, int64_t k) {
     const uint8_t *row = p.w + n * p.row_bytes;
     switch (p.kind) {
-    case 2: return vfma(load_q8(row + k), vset(p.scale[n]), vset(p.shift[n]));
-    case 3: {
+    case INT8: return vfma(load_q8(row + k), vset(p.scale[n]), vset(p.shift[n]));
+    case INT4: {
         int64_t g = n * p.groups_per_row + k / p.group;
         return vfma(load_u4(row + k / 2), vset(p.scale[g]), vset(p.shift[g]));
     }
