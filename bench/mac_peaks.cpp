@@ -1,7 +1,7 @@
 // The multiply-add ceilings of this CPU's cores, for the instructions flm's kernels issue, each in
 // independent register chains (no memory): float32 FMA (the float32 tiles), vdpbf16ps (bf16
 // prompts, prefill_bf16.cpp), vpmaddwd + vpaddd and VNNI's vpdpwssd (the int4 tiles' 16-bit
-// sums). A kernel's rate (python bench/kernels.py) read against its line tells how much of the
+// sums). A kernel's rate (python bench/linear_kernels.py) read against its line tells how much of the
 // units it uses. Instructions the CPU lacks are skipped. x86-64, GCC or Clang:
 //
 //     g++ -O2 -fopenmp bench/mac_peaks.cpp -o /tmp/mac_peaks && OMP_NUM_THREADS=2 /tmp/mac_peaks

@@ -6,10 +6,13 @@ llama-cpp-python, each engine in its own child process (for a clean peak RSS), a
     python bench/run.py --engines flm --dtypes int4g
     python bench/run.py --device cuda        # flm's CUDA path beside transformers on the same GPU
     python bench/run.py --model smollm2 --engines flm llama.cpp --rounds 3   # medians of 3 rounds
+    python bench/run.py --engines flm --baseline ../old/src --rounds 4       # A/B against another flm tree
 
 Prints prefill and decode tokens/s, time to first token, peak RSS, decode effective GB/s against
 the measured memory bandwidth (the GPU's with --device cuda, where peak GPU memory is added and
-transformers float16 is float16's peer), and the ratios of flm to each peer. Every engine is timed alike:
+transformers float16 is float16's peer), and the ratios of flm to each peer. --baseline SRC adds
+"baseline DTYPE": the flm package found in SRC (another checkout's src/, e.g. a worktree of the
+commit before a change) on the same files, alternating with this tree's. Every engine is timed alike:
 time to first token is its first prompt after loading; prefill tokens/s is the same prompt run
 again after decoding (steady state: no first-touch of weight pages or one-time set-up).
 """
@@ -113,10 +116,13 @@ def child_main(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def in_child(engine: str, path: str, dtype: str, args: argparse.Namespace) -> dict | None:
+def in_child(engine: str, path: str, dtype: str, args: argparse.Namespace, flm_src: str | None = None) -> dict | None:
+    """One engine's run in a fresh process; flm_src: import flm from there instead."""
     cmd = [sys.executable, __file__, "--child", engine, "--path", str(path), "--dtype", dtype, "--prompt",
            str(args.prompt), "--gen", str(args.gen), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if flm_src:
+        env["PYTHONPATH"] = os.pathsep.join([flm_src] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -175,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run each dtype's engines alternately this many times and report medians (a shared "
                              "machine's slow phases last minutes and move single runs up to 2x)")
+    parser.add_argument("--baseline", metavar="SRC", help="also time the flm package in SRC (another tree's src/) "
+                                                           "on the same files, alternating with this one")
     parser.add_argument("--child", choices=("flm", "transformers", "llama.cpp"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="", help=argparse.SUPPRESS)
@@ -202,17 +210,20 @@ def main() -> None:
     report(rows, bandwidth, gpu=args.device != "cpu", rounds=args.rounds)
 
 
-def peer_runs(dtype: str, args: argparse.Namespace, src: Path, gguf_files: dict[str, Path]) -> list[tuple[str, str, str, str]]:
-    """(label, engine, path, engine's dtype) of this dtype's peers: llama.cpp at its GGUF type; transformers
-    bf16 for every dtype, and on a GPU fp16 for float16 (a CPU has no float16 matrix units: there
-    it is no real peer)."""
+def peer_runs(dtype: str, args: argparse.Namespace, src: Path, flm_files: dict[str, Path],
+              gguf_files: dict[str, Path]) -> list[tuple[str, str, str, str, str | None]]:
+    """(label, engine, path, engine's dtype, flm source) of this dtype's peers: the baseline flm
+    tree on the same file; llama.cpp at its GGUF type; transformers bf16 for every dtype, and on a
+    GPU fp16 for float16 (a CPU has no float16 matrix units: there it is no real peer)."""
     out = []
+    if args.baseline:
+        out.append((f"baseline {dtype}", "flm", str(flm_files[dtype]), dtype, str(Path(args.baseline).resolve())))
     kind = GGUF_PEER[dtype]
     if "llama.cpp" in args.engines and kind in gguf_files:
-        out.append((f"llama.cpp {kind}", "llama.cpp", str(gguf_files[kind]), kind))
+        out.append((f"llama.cpp {kind}", "llama.cpp", str(gguf_files[kind]), kind, None))
     if "transformers" in args.engines:
         hf_dtype = "fp16" if args.device != "cpu" and dtype == "float16" else "bf16"
-        out.append((f"transformers {hf_dtype}", "transformers", str(src), hf_dtype))
+        out.append((f"transformers {hf_dtype}", "transformers", str(src), hf_dtype, None))
     return out
 
 
@@ -224,17 +235,17 @@ def measure_all(args: argparse.Namespace, src: Path, flm_files: dict[str, Path],
     rows = []
     once: dict[str, dict | None] = {}
     for dtype in args.dtypes:
-        peers = peer_runs(dtype, args, src, gguf_files)
+        peers = peer_runs(dtype, args, src, flm_files, gguf_files)
         flm_results: list = []
         peer_results: dict[str, list] = {label: [] for label, *_ in peers}
         for round_no in range(args.rounds):
             flm_results.append(in_child("flm", str(flm_files[dtype]), dtype, args))
-            for label, engine, path, peer_dtype in peers:
-                if args.rounds == 1:
+            for label, engine, path, peer_dtype, flm_src in peers:
+                if args.rounds == 1 and not flm_src:
                     once.setdefault(label, in_child(engine, path, peer_dtype, args))
                     peer_results[label].append(once[label])
                 else:
-                    peer_results[label].append(in_child(engine, path, peer_dtype, args))
+                    peer_results[label].append(in_child(engine, path, peer_dtype, args, flm_src))
             if args.rounds > 1:  # each round as it ends: the medians come at the end
                 done = [(f"flm {dtype}", flm_results[-1])] + [(label, runs[-1]) for label, runs in peer_results.items()]
                 print(f"  round {round_no + 1}: " + ", ".join(

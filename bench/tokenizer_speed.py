@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import corpus_lines  # noqa: E402
 from tokenizer_fixtures import ALL, tokenizer_dir  # noqa: E402
 
-from flm.tokenizer import Tokenizer, fastllm_vocab_from_tokenizer_json, load_tokenizer_json  # noqa: E402
-from flm.vocab_tokenizer import tokenizer_from_vocab  # noqa: E402
+from flm.tokenization.tokenizer import Tokenizer, fastllm_vocab_from_tokenizer_json, load_tokenizer_json  # noqa: E402
+from flm.tokenization.from_vocab import tokenizer_from_vocab  # noqa: E402
 
 
 def rate(encode, lines: list[str]) -> float:

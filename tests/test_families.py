@@ -180,7 +180,7 @@ def _fastllm_written(path, state, dtype):
     """A .flm laid out as fastllm's llamalike2flm writes InternLM2 (torch2flm: the state_dict's
     own names, str() of each config value with rope_scaling flattened, fastllm's payloads)."""
     from fastllm_layout import flm_file, tensor_record
-    from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+    from flm.tokenization.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
 
     kv = {k: str(v) for k, v in INTERNLM2_CONFIG.items() if k != "rope_scaling"}
     kv.update({"rope_scaling.type": "dynamic", "rope_scaling.factor": "2.0", "tokenizer_use_score": "1"})

@@ -1,6 +1,10 @@
 """The .flm reader under mutation: every mutant loads correctly or raises FlmFormatError."""
 
+import pytest
+
 from fuzz_flm import run
+
+pytestmark = pytest.mark.slow
 
 
 def test_fuzz_5000_mutants(capsys):

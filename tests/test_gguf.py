@@ -113,8 +113,8 @@ def test_byte_level_gguf_vocab_gives_hugging_face_ids(name):
     import json
 
     from helpers import FIXTURES
-    from flm.gguf_tokenizer import byte_level_tokenizer_json
-    from flm.tokenizer import Tokenizer
+    from flm.tokenization.from_gguf import byte_level_tokenizer_json
+    from flm.tokenization.tokenizer import Tokenizer
 
     with gzip.open(FIXTURES / "tokenizers" / "ggml_vocab" / f"{name}.json.gz", "rt", encoding="utf-8") as f:
         fixture = json.load(f)

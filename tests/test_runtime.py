@@ -19,9 +19,10 @@ def _hf_logits(model, ids):
 
 
 def _hf_greedy(model, ids, n):
+    """transformers' greedy continuation, stopping at the model's EOS as flm does."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, min_new_tokens=n)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=model.config.eos_token_id, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
@@ -45,8 +46,8 @@ def test_float32_logits_match_transformers(tiny_flm, tiny_model):
 def test_greedy_matches_transformers(tiny_flm, tiny_model):
     m = llm.model(tiny_flm)
     ours = list(m.generate_ids(PROMPT_IDS, SamplingConfig(max_length=24, top_k=1)))
-    assert ours == _hf_greedy(tiny_model, PROMPT_IDS, 24)[: len(ours)]
-    assert len(ours) > 0
+    assert ours == _hf_greedy(tiny_model, PROMPT_IDS, 24)
+    assert len(ours) == 24  # no early EOS: the comparison covers every step
 
 
 @pytest.mark.parametrize("kind,extra", [
@@ -250,7 +251,7 @@ def test_fastllm_written_file_without_tokenizer_json(tmp_path, writer):
     import numpy as np
 
     from fastllm_layout import flm_file, tensor_record, torch2flm_kv
-    from flm.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+    from flm.tokenization.tokenizer import fastllm_vocab_from_tokenizer_json, load_tokenizer_json
     from helpers import LLAMA2_TOKENIZER, tiny_llama
 
     reference = tiny_llama(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})

@@ -8,7 +8,7 @@ from typing import TextIO
 
 from .errors import FlmError
 from .generate import SamplingConfig
-from .tokenizer import StreamDecoder
+from .tokenization.tokenizer import StreamDecoder
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message), /exit"
 

@@ -168,11 +168,11 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import threading
+
     import uvicorn
 
     from .server.app import ServerConfig, create_app
-
-    import threading
 
     model, path = _load_model(args.file, args.device)
     name = args.model_name or Path(path).stem

@@ -14,10 +14,6 @@ from typing import Any
 
 from .errors import ConfigError
 
-# The cookbook's "方案二" keys that config.json may carry next to the model's own keys.
-TEMPLATE_KEYS = ("pre_prompt", "user_role", "bot_role", "history_sep")
-NORMALIZED_KEY = "flm.config"  # extra .flm key holding this dataclass as JSON
-
 
 @dataclass
 class RopeScaling:

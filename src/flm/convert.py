@@ -10,33 +10,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from . import __version__
-from .config import NORMALIZED_KEY, TEMPLATE_KEYS, ModelConfig, parse_scalar
-from .errors import CheckpointError, TemplateError
+from .config import ModelConfig, parse_scalar
+from .errors import CheckpointError, TemplateError, UnsupportedDtypeError
 from .families import find_family
-from .format.flm import FlmWriter
+from .format import keys
 from .format.delta import DeltaSource
+from .format.flm import FlmWriter
 from .format.hf import HFCheckpoint, TensorSource
+from .format.keys import (
+    CHAT_TEMPLATE_KEY,
+    FORMAT_KEY,
+    NORMALIZED_KEY,
+    TEMPLATE_KEYS,
+    TEMPLATE_NAME_KEY,
+    TEMPLATE_SOURCE_KEY,
+    TOKENIZER_CONFIG_KEY,
+    TOKENIZER_JSON_KEY,
+)
 from .layout import EMBEDDING, LINEAR
-from .errors import UnsupportedDtypeError
 from .quant import QUANTIZERS, DType, choose_group_size, parse_dtype
 from .templates import PRESETS, Template, guess_preset, preset
-from .tokenizer import FastllmVocab, fastllm_vocab_from_sentencepiece, fastllm_vocab_from_tokenizer_json, load_tokenizer_json
+from .tokenization.files import TokenizerFiles
 
 log = logging.getLogger("flm")
 
-TOKENIZER_JSON_KEY = "flm.tokenizer_json"
-CHAT_TEMPLATE_KEY = "flm.chat_template"
-TOKENIZER_CONFIG_KEY = "flm.tokenizer_config"
-FORMAT_KEY = "flm.format"
-TEMPLATE_NAME_KEY = "flm.template"
-TEMPLATE_SOURCE_KEY = "flm.template_source"
 
 
 @dataclass
@@ -51,43 +55,6 @@ class ConvertOptions:
     bot_role: str | None = None
     history_sep: str | None = None
     progress: bool = True
-
-
-@dataclass
-class TokenizerFiles:
-    """The tokenizer parts of a model, wherever they came from."""
-
-    tokenizer_json: str | None = None
-    tokenizer_config: dict[str, Any] = field(default_factory=dict)
-    chat_template: str | None = None
-    sentencepiece_model: str | None = None
-
-    @classmethod
-    def from_dir(cls, directory: Path) -> "TokenizerFiles":
-        files = cls()
-        if (directory / "tokenizer.json").exists():
-            files.tokenizer_json = (directory / "tokenizer.json").read_text(encoding="utf-8")
-        if (directory / "tokenizer_config.json").exists():
-            try:
-                files.tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{directory / 'tokenizer_config.json'}: not valid JSON ({exc})") from None
-        template = files.tokenizer_config.get("chat_template")
-        if (directory / "chat_template.jinja").exists():
-            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-        if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        files.chat_template = template if isinstance(template, str) else None
-        if (directory / "tokenizer.model").exists():
-            files.sentencepiece_model = str(directory / "tokenizer.model")
-        return files
-
-    def fastllm_vocab(self) -> FastllmVocab | None:
-        if self.tokenizer_json is not None:
-            return fastllm_vocab_from_tokenizer_json(load_tokenizer_json(self.tokenizer_json))
-        if self.sentencepiece_model is not None:
-            return fastllm_vocab_from_sentencepiece(self.sentencepiece_model)
-        return None
 
 
 def choose_template(raw: dict[str, Any], options: ConvertOptions, family_default: str | None,
@@ -155,8 +122,8 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     kv.update(cfg.fastllm_kv())
     if vocab is not None:
         kv.update(vocab.kv)
-    if "tokenizer_add_dummy_prefix" in raw:  # the cookbook's override wins over detection
-        kv["tokenizer_add_dummy_prefix"] = str(bool(parse_scalar(raw["tokenizer_add_dummy_prefix"])))
+    if keys.ADD_DUMMY_PREFIX in raw:  # the cookbook's override wins over detection
+        kv[keys.ADD_DUMMY_PREFIX] = str(bool(parse_scalar(raw[keys.ADD_DUMMY_PREFIX])))
     if template is not None:
         kv.update({k: getattr(template, k) for k in TEMPLATE_KEYS})
         kv[TEMPLATE_NAME_KEY] = template_name
@@ -172,9 +139,9 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     if tokenizer.chat_template:
         kv[CHAT_TEMPLATE_KEY] = tokenizer.chat_template
     if vocab is not None and vocab.entries:
-        kv["tokenizer_use_score"] = "1"
+        kv[keys.USE_SCORE] = "1"
     if vocab is not None and vocab.special_tokens:
-        kv["tokenizer_has_special_tokens"] = "1"
+        kv[keys.HAS_SPECIAL_TOKENS] = "1"
     kv = dict(sorted(kv.items()))
 
     fallback_logged = set()
@@ -201,7 +168,7 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
 def _convert_gguf(path: Path, out: str | os.PathLike, options: ConvertOptions) -> ModelConfig:
     """A GGUF file -> .flm, tensor by tensor (format/gguf.py)."""
     from .format.gguf import GGUFFile
-    from .gguf_tokenizer import gguf_tokenizer_files
+    from .tokenization.from_gguf import gguf_tokenizer_files
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from .byte_level_splits import byte_level_split
 from .config import parse_scalar
-from .convert import TOKENIZER_JSON_KEY
+from .format import keys
 from .format.flm import FlmFile, read_flm
+from .format.keys import TOKENIZER_JSON_KEY
 from .quant import FLOAT_DTYPES
+from .tokenization.byte_level_splits import byte_level_split
 
 LONG_VALUE = 80
 
@@ -36,7 +37,7 @@ def _tokenizer_source(flm: FlmFile) -> str:
         return "tokenizer.json stored"
     if not flm.vocab:
         return "no tokenizer"
-    if not parse_scalar(flm.kv.get("tokenizer_byte_as_char", "False")):
+    if not parse_scalar(flm.kv.get(keys.BYTE_AS_CHAR, "False")):
         return "rebuilt from vocab+scores (SentencePiece-style BPE)"
     vocab = {e.piece.decode("utf-8", errors="replace"): e.token_id for e in flm.vocab}
     return f"rebuilt from vocab+scores (byte-level BPE, {byte_level_split(vocab).name} split)"

@@ -15,16 +15,23 @@ from typing import Any, Iterator
 import torch
 
 from .backends import choose_backend
-from .config import NORMALIZED_KEY, ModelConfig, parse_scalar
-from .convert import CHAT_TEMPLATE_KEY, TEMPLATE_SOURCE_KEY, TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY
+from .config import ModelConfig, parse_scalar
 from .errors import FlmError, FlmFormatError, TemplateError
 from .families import find_family
+from .format import keys
 from .format.flm import FlmFile, read_flm, rewrite_flm
+from .format.keys import (
+    CHAT_TEMPLATE_KEY,
+    NORMALIZED_KEY,
+    TEMPLATE_SOURCE_KEY,
+    TOKENIZER_CONFIG_KEY,
+    TOKENIZER_JSON_KEY,
+)
 from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
 from .loader import load_transformer
 from .templates import PRESETS, Template, render_chat_template, template_from_kv
-from .tokenizer import StreamDecoder, Tokenizer
-from .vocab_tokenizer import tokenizer_from_vocab
+from .tokenization.from_vocab import tokenizer_from_vocab
+from .tokenization.tokenizer import StreamDecoder, Tokenizer
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -83,7 +90,7 @@ class model:  # noqa: N801 - fastllm's class name
         self.model_type = self.config.model_type
         self.direct_query = False
         if TOKENIZER_JSON_KEY in kv:
-            self.tokenizer = Tokenizer(kv[TOKENIZER_JSON_KEY], nfkc=bool(parse_scalar(kv.get("tokenizer_nfkc", "False"))))
+            self.tokenizer = Tokenizer(kv[TOKENIZER_JSON_KEY], nfkc=bool(parse_scalar(kv.get(keys.NFKC, "False"))))
         elif self._flm.vocab:
             self.tokenizer = tokenizer_from_vocab(self._flm.vocab, self._flm.special_tokens, kv)
         else:

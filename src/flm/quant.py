@@ -281,7 +281,7 @@ INT16_INPUT_DTYPES = (DType.INT4_NOZERO, DType.INT4_GROUP)
 def round_input_int16(x: torch.Tensor) -> torch.Tensor:
     """The input an INT4_NOZERO / INT4_GROUP linear multiplies: each row of x on a 16-bit grid,
     s * round(x / s) with s = max|x| / 32767 (a row of zeros stays zero). The CPU kernels then
-    sum codes times these integers exactly in int32, 1.6-1.7x the float32 path's multiply-adds;
+    sum codes times these integers exactly in int32, at about twice the float32 path's rate;
     the rounding moves each value by at most 1/65534 of its row's largest (fastllm rounds its
     int4 linears' input to 8 bits). Every int4 path (kernels, prefill, reference) applies it."""
     top = x.abs().amax(dim=-1, keepdim=True)

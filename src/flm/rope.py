@@ -83,8 +83,8 @@ class Rotary:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [batch, seq, head_dim] for integer positions [batch, seq]: rows of a
-        table kept per device (computing them per call was eight ops, ~70 us of a SmolLM2 decode
-        step's ~8 ms); dynamic NTK past the trained length computes them for that length."""
+        table kept per device (computing them per call is eight ops); dynamic NTK past the
+        trained length computes them for that length."""
         length = int(positions.max()) + 1
         inv = self.inv_freq_for(length)
         if inv is not self.inv_freq:

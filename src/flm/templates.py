@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import TemplateError
+from .format.keys import TEMPLATE_KEYS, TEMPLATE_NAME_KEY
 
 _LLAMA2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
@@ -123,11 +124,10 @@ def preset(name: str) -> Template:
 def template_from_kv(kv: dict[str, str]) -> Template | None:
     """The four fastllm strings from a .flm key/value table, if the file sets any of them
     (with the system-message placement of the preset it names, if any)."""
-    keys = ("pre_prompt", "user_role", "bot_role", "history_sep")
-    if not any(k in kv for k in keys):
+    if not any(k in kv for k in TEMPLATE_KEYS):
         return None
-    base = PRESETS.get(kv.get("flm.template", ""), PRESETS["base"])
-    return Template(*(kv.get(k, "") for k in keys), system_format=base.system_format,
+    base = PRESETS.get(kv.get(TEMPLATE_NAME_KEY, ""), PRESETS["base"])
+    return Template(*(kv.get(k, "") for k in TEMPLATE_KEYS), system_format=base.system_format,
                     system_in_first_user=base.system_in_first_user)
 
 

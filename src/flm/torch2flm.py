@@ -12,8 +12,9 @@ import json
 import os
 from typing import Any
 
-from .convert import ConvertOptions, TokenizerFiles, write_model
+from .convert import ConvertOptions, write_model
 from .format.hf import StateDictSource
+from .tokenization.files import TokenizerFiles
 
 
 def model_config_dict(model: Any) -> dict[str, Any]:

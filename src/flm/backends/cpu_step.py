@@ -1,7 +1,7 @@
 """The CPU's decode step: every layer of a one-token-per-sequence step in one C++ call
 (kernels/csrc/decode_step.cpp), from the token ids to the logits, on plain float buffers with
 the GIL released. Driving the same work from Python costs about twenty ATen ops per layer, as
-long as reading a small model's weights (bench/RESULTS.md, "Decode step in C++"). Prompts run
+long as reading a small model's weights (bench/HISTORY.md, "Decode step in C++"). Prompts run
 the reference forward, whose linears are the same SIMD kernels and take ~90% of its time.
 
 Available when every linear layer, the output layer included, is on the SIMD kernels;

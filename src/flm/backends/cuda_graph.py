@@ -1,7 +1,7 @@
 """The GPU's decode step: recorded once per batch size as a CUDA graph and replayed per token.
 
 An eager one-token step is about a thousand small kernels launched one by one from Python, so
-it is bound by launch overhead, not by the GPU (bench/RESULTS.md, "Served batches from graphs").
+it is bound by launch overhead, not by the GPU (bench/HISTORY.md, "Served batches from graphs").
 A graph replays the whole step in one call. Everything in it has a fixed shape: the tokens and
 positions are device tensors filled before each replay, RoPE reads rows of a table of every
 position's angles, and each layer's RoPE, cache write and attention are two Triton kernels

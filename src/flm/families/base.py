@@ -12,7 +12,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ModelConfig, as_int_list, as_str_list, parse_scalar, require, rope_from_dict
+from ..config import (
+    ModelConfig,
+    as_int_list,
+    as_str_list,
+    parse_scalar,
+    require,
+    rope_from_dict,
+)
 from ..errors import CheckpointError, FlmFormatError
 from ..format.flm import FlmFile, rows_of
 from ..format.hf import TensorSource

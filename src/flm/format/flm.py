@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from ..errors import FlmError, FlmFormatError, UnsupportedDtypeError
-from ..quant import FLOAT_DTYPES, DType, Quantized, dtype_code, quantize, quantized_nbytes
+from ..quant import (
+    FLOAT_DTYPES,
+    DType,
+    Quantized,
+    dtype_code,
+    quantize,
+    quantized_nbytes,
+)
+from . import keys
 
 MAX_DIMS = 8
 WRITE_VERSION = 2
@@ -238,10 +246,9 @@ def read_flm(path: str | os.PathLike) -> FlmFile:
 def _advise_huge_pages(mapped: mmap.mmap) -> None:
     """Ask for 2 MB pages before the parse touches the file: pages then read from disk come in
     2 MB folios, mapped 2 MB at a time, which decode streams faster than 4 KB pages (fewer TLB
-    misses; Zen 4, GEMV over 2 GB of float16 rows, medians of ten: 4 KB pages 21.5 GB/s, 2 MB
-    25.2). Advised after the parse, its faults around each tensor header had already read most
-    of a 1.1B int8 file from disk in small folios (297 of 1,273 MB mapped 2 MB at a time; advised
-    first, 1,114). Pages already in the page cache stay as they were read or written."""
+    misses). Advised before the parse, since its faults around each tensor header would
+    otherwise read most of the file in small folios first (bench/HISTORY.md, "Streaming weights
+    on Zen 4"). Pages already in the page cache stay as they were read or written."""
     try:
         mapped.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):
@@ -282,10 +289,10 @@ def _parse(path: Path, buf: memoryview, mapped: mmap.mmap) -> FlmFile:
                 key = cur.string("adapter key")
                 peft[name][key] = cur.string("adapter value")
 
-    use_score = kv.get("tokenizer_use_score") == "1"
+    use_score = kv.get(keys.USE_SCORE) == "1"
     vocab = _read_vocab(cur, use_score)
     special: list[str] = []
-    if kv.get("tokenizer_has_special_tokens") == "1":
+    if kv.get(keys.HAS_SPECIAL_TOKENS) == "1":
         special = [cur.string("special token") for _ in range(cur.count("special token count", 4))]
     tensors: dict[str, TensorRecord] = {}
     for _ in range(cur.count("tensor count", 12)):
@@ -426,20 +433,20 @@ class FlmWriter:
         vocab = list(vocab)
         kv = dict(kv)
         if vocab:
-            kv["tokenizer_use_score"] = "1"
+            kv[keys.USE_SCORE] = "1"
         if special_tokens:
-            kv["tokenizer_has_special_tokens"] = "1"
+            kv[keys.HAS_SPECIAL_TOKENS] = "1"
         fo.write(_int32(len(kv)))
         for key, value in kv.items():
             fo.write(_string(str(key)) + _string(str(value)))
-        use_score = kv.get("tokenizer_use_score") == "1"
+        use_score = kv.get(keys.USE_SCORE) == "1"
         fo.write(_int32(len(vocab)))
         for entry in vocab:
             codes = np.frombuffer(entry.piece, dtype=np.uint8).astype("<i4")
             fo.write(_int32(len(entry.piece)) + codes.tobytes() + _int32(entry.token_id))
             if use_score:
                 fo.write(struct.pack("<f", entry.score))
-        if kv.get("tokenizer_has_special_tokens") == "1":
+        if kv.get(keys.HAS_SPECIAL_TOKENS) == "1":
             special_tokens = special_tokens or []
             fo.write(_int32(len(special_tokens)))
             for token in special_tokens:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import FLOAT_DTYPES, INT16_INPUT_DTYPES, Dequantizer, DType, Quantized, lowbit_params, round_input_int16
+from ..quant import (
+    FLOAT_DTYPES,
+    INT16_INPUT_DTYPES,
+    Dequantizer,
+    DType,
+    Quantized,
+    lowbit_params,
+    round_input_int16,
+)
 
 ROW_CHUNK = 4096  # rows dequantized at a time by the reference path
 

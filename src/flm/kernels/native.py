@@ -32,8 +32,8 @@ ISAS = (
 )
 # Up to this many x rows the SIMD kernel computes from the stored weights (past 8 rows in
 # cache-sized blocks: rows_blocked/rows_widened in linear_simd.cpp); beyond, the weights are
-# widened a block at a time for torch's float32 GEMM (prefill_gemm). See bench/RESULTS.md for the
-# crossovers (`python bench/kernels.py --paths kernel gemm --rows 16 32 64 128 256 512`).
+# widened a block at a time for torch's float32 GEMM (prefill_gemm). See bench/HISTORY.md for the
+# crossovers (`python bench/linear_kernels.py --paths kernel gemm --rows 16 32 64 128 256 512`).
 KERNEL_ROWS = 256
 PREFILL_BLOCK = 256  # weight rows widened to float32 at a time for prefill GEMMs (a few MB: stays in cache)
 
@@ -195,10 +195,8 @@ def _widen_buffer(rows: int, k: int) -> torch.Tensor:
 def prefill_gemm(x: torch.Tensor, parts: list[NativeParams]) -> torch.Tensor:
     """[x W1^T | x W2^T | ...] for many x rows [M, K] (a long prompt): each weight widened to
     float32 PREFILL_BLOCK rows at a time into one reused buffer, each block's GEMM written straight
-    into its columns of the result. Fresh blocks (page faults on every 2 MB) and a final
-    concatenation made a 128-row product with a 1.1B up projection 1.4x slower (35.6 -> 25 ms).
-    (Below 256 rows MKL ran faster on the transposed product; no prompt that short comes here
-    since the SIMD kernel takes them.)"""
+    into its columns of the result: fresh blocks (page faults on every 2 MB) and a final
+    concatenation were markedly slower (bench/HISTORY.md, "Figures that were in code comments")."""
     out = torch.empty(x.shape[0], sum(p.n for p in parts))
     col = 0
     for p in parts:

@@ -2,7 +2,7 @@
 
 In a CUDA graph's one-token step every op is a kernel of a few microseconds, so the step's time
 is their count, not the bytes it reads; in torch ops these parts were about twenty kernels per
-layer (bench/RESULTS.md, "Fused decode attention"). Per layer, `rotary_store` turns the q/k/v
+layer (bench/HISTORY.md, "Fused decode attention"). Per layer, `rotary_store` turns the q/k/v
 projection row into a rotated query and writes the rotated key and the value into the cache at
 the position, and `decode_attention` runs softmax(q k^T / sqrt(d)) v over the cache's visible
 slots, in blocks with a running maximum. Both read the positions from a device tensor, so one

@@ -4,7 +4,7 @@ The kernel reads the weight bytes as the file stores them and widens them in reg
 fastllm's formula (`quant.Dequantizer`'s scale and offset), so a decode step reads 2, 1 or 0.5
 bytes per weight; a prefill widens blocks of rows with the same formula for cuBLAS. The torch-op
 path instead widens blocks of rows into float32 buffers at every call, several passes over 4
-bytes per weight (bench/RESULTS.md, "Triton linears"). Activations and sums stay float32 (no
+bytes per weight (bench/HISTORY.md, "Triton linears"). Activations and sums stay float32 (no
 TF32), as on the CPU. Used where Triton imports and the weight lives on a CUDA device
 (FLM_KERNELS=reference: the torch-op path); tests run the same kernels on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1).
@@ -109,8 +109,7 @@ if triton is not None:
                     PER_SLICE: tl.constexpr):
         """The 4-bit weights of `rows` at columns 2 * pairs (high nibbles) and 2 * pairs + 1 (low)
         in float32; with PER_SLICE one scale and offset per slice, the slice's first column
-        `first`, loaded once instead of per code (H200, one input row: int4g128 133 -> 222 GB/s,
-        int4g32 124 -> 265; the 1.1B model's int4g decode 94 -> 111-127 tok/s)."""
+        `first`, loaded once instead of per code (bench/HISTORY.md, "Final Triton revision")."""
         if PER_SLICE:
             byte = tl.load(w_ptr + rows.to(tl.int64) * (K // 2) + pairs, mask=(rows < N) & (2 * pairs < K), other=0)
             scale, offset = _scale_offset(scale_ptr, offset_ptr, rows, first, (rows < N) & (first < K),
@@ -157,9 +156,8 @@ if triton is not None:
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[m, block] for input row m = program 1: elementwise products summed at the end. With
         ROUND_INPUT (int4) each program rounds x's row as round_input_int16 does, in registers,
-        where rounding it beforehand took five more torch kernels per call (H200, 1.1B shapes,
-        eager calls of one input row: int4 48 -> 213 GB/s; under CUDA graphs the model's int4
-        decode stayed within noise, 131 -> 128 tok/s)."""
+        where rounding it beforehand took five more torch kernels per call (bench/HISTORY.md,
+        "Final Triton revision")."""
         outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = outputs[:, None]
         x_row = x_ptr + tl.program_id(1).to(tl.int64) * K
@@ -195,10 +193,8 @@ if triton is not None:
                      ROUND_INPUT: tl.constexpr, PER_SLICE: tl.constexpr, SLICE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """_gemv's 4-bit products for BLOCK_M input rows per program: each tile of codes widened
-        once for all of them, where one program per row widened it once per row. A served batch's
-        step (H200, 1.1B, graphed decode_batch, old/new alternating): int4g128 2 sequences 331-350
-        -> 448 tok/s, 4: 550 -> 857-878, 8: 690-701 -> 1158-1164, 16: 704-757 -> 1584; per-row
-        int4 1.5x-2.6x. The logits move within 2e-4 of their range (the sums' order)."""
+        once for all of them, where one program per row widened it once per row (bench/HISTORY.md,
+        "4-bit batches on a GPU"). The logits move within 2e-4 of their range (the sums' order)."""
         outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         x_rows = x_ptr + ms.to(tl.int64)[:, None, None, None] * K
@@ -228,7 +224,7 @@ if triton is not None:
         """Rows first..N of the weight in float32 into out [N - first, K]."""
         rows = first + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
         start = tl.program_id(1) * BLOCK_K
-        if BITS == 4:  # spliced into one tile (int4, 128 rows, H200: 33 GB/s; two stores at stride 2: 19)
+        if BITS == 4:  # spliced into one tile: two stores at stride 2 were slower
             pairs = start // 2 + tl.arange(0, BLOCK_K // 2)[None, :]
             high, low = _nibble_tiles(w_ptr, scale_ptr, offset_ptr, rows, pairs, N, K, GROUPS,
                                       WITH_ZERO, GROUPED, GROUP_CNT)

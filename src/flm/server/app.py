@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..errors import ContextOverflowError, FlmError
 from ..generate import SamplingConfig, Sequence
-from ..tokenizer import StreamDecoder
+from ..tokenization.tokenizer import StreamDecoder
 from .scheduler import Job, QueueFull, Scheduler
 
 STATIC = Path(__file__).parent / "static"

@@ -63,7 +63,8 @@ class Scheduler:
     def start(self) -> "Scheduler":
         """Run the worker in a background thread (tests, embedding). `flm serve` calls
         `run` on the main thread instead: OpenMP keeps its fast spinning thread pool only for
-        the thread that created it, and the model runs about 1.6x faster there."""
+        the thread that created it, and the model runs markedly faster there (bench/HISTORY.md,
+        "Figures that were in code comments")."""
         self._thread.start()
         return self
 

@@ -73,7 +73,7 @@ inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
 // Attention works on a run of query heads that share a KV head, a block of cache rows at a time
 // for all of them while the block is in L1 (one head at a time read every row from L2 again for
 // each head of its group), its dot products without a horizontal sum per key (key_dots) and its
-// exps in vectors (vexp): bench/RESULTS.md, "Attention in blocks".
+// exps in vectors (vexp): bench/HISTORY.md, "Attention in blocks".
 constexpr int64_t KEY_BLOCK = 32;  // cache rows: 32 x 128 float32 (16 KB) at most for head_dim 128
 
 // out[g * n + j] = q_g . k_j for `heads` query rows q_g (dim apart) and n key rows k_j (dim
@@ -218,7 +218,7 @@ class Decoder {
     // One token per sequence from its id to logits [B, vocab]: the embedding row, cos/sin rows
     // [position] of the rotary tables [rows, head_dim], every layer, the final norm and output
     // layer, all in this call: each torch op between two steps ran with caches the step had just
-    // flushed, several times slower than warm (bench/RESULTS.md, "Decode step in C++").
+    // flushed, several times slower than warm (bench/HISTORY.md, "Decode step in C++").
     // keys/values: B * layers tensors (sequence-major), each [kv_heads, capacity, head_dim]
     // float32; token b is written at positions[b] and attends to keys
     // max(0, positions[b] - window + 1) ..= positions[b] (window 0: all).

@@ -53,10 +53,8 @@ inline void with_row_count(int64_t count, F &&f) {
 // each part j's rows [lo, hi) in a thread's share, y_j its first output column. chunk 0: one
 // contiguous share per thread; else chunks of that many rows, each taken by whichever thread is
 // free, so that a thread the OS preempts (for a server's HTTP thread, or a client on the same
-// cores) delays the layer by its current chunk rather than by its whole share. 1.1B int4, old and
-// new in one process, decode_batch of one sequence: 40.7 -> 46.9 tok/s (with a background load
-// waking every 12 ms: 35.0 -> 41.1), 8 sequences even; served to 8 clients by one in-process
-// server, 8 alternating rounds: median 109.9 -> 112.8 tok/s, slowest round 93.1 -> 108.2.
+// cores) delays the layer by its current chunk rather than by its whole share (bench/HISTORY.md,
+// "Attention in blocks, decode rows in chunks").
 template <typename Body>
 void parallel_parts(const std::vector<Params> &parts, float *y, int64_t chunk, Body &&body) {
     std::vector<int64_t> offsets(parts.size() + 1, 0);

@@ -35,7 +35,8 @@ struct Span {
 };
 
 // A template-only kind: INT4 with 32-element groups known at compile time, so that the
-// per-group loop unrolls (SmolLM2-style Q4_1 group size; bench/RESULTS.md, "int4 group loops").
+// per-group loop unrolls (SmolLM2-style Q4_1 group size; the runtime-group loop was markedly
+// slower there: bench/HISTORY.md, "Where the time goes").
 constexpr int INT4_G32 = 5;
 template <int KIND>
 constexpr bool is_int4 = KIND == INT4 || KIND == INT4_G32;
@@ -148,8 +149,8 @@ inline void for_int4_blocks(const Params &p, int64_t begin, int64_t end, Body &&
 // Quantized kinds multiply the integer codes with x and apply each row's (or group's) scale
 // once at the end: y = scale * sum(q x) + shift * sum(x), with sum(x) per group in `xsum`
 // [MR, K / group].
-// int8 codes are read as stored (0..255, one instruction fewer than q - 128: decode reads them
-// ~20% faster), so their shift term is shift - 128 * scale.
+// int8 codes are read as stored (0..255, one instruction fewer than q - 128, which decode reads
+// faster), so their shift term is shift - 128 * scale.
 // int4 codes go 32 at a time against x whose 32-blocks were reordered evens-then-odds
 // (`round_int4_input`): the high nibbles pair with the even elements.
 template <int KIND, int NR, int MR, bool PREFETCH>
@@ -162,7 +163,7 @@ inline void tile(const Params &p, int64_t n, const Input &in, int64_t k_in, cons
     for (int r = 0; r < NR; ++r) rows[r] = p.w + (n + r) * p.row_bytes;
     // Rows are short (a few KB) and read NR at a time, too little for the hardware prefetcher
     // to ramp up: fetch the next tile's rows while this one computes, a cache line at a time
-    // (PREFETCH; not in rows_blocked, whose blocks are read from L2: there it cost ~15%).
+    // (PREFETCH; not in rows_blocked, whose blocks are read from L2, where it cost time).
     const int64_t ahead = NR * p.row_bytes;
     if constexpr (is_int4<KIND>) {
         // int32 sums (int4_block_sums), then scaled per group in float32
@@ -219,36 +220,20 @@ inline void tile_rows(const Params &p, int64_t n, int64_t m0, int64_t M, const I
 // long rows, see rows_in_order) with eight accumulators along each: the weights are read in
 // memory order, a single stream. The tiles below read eight rows side by side, eight streams
 // that are each too short (a SmolLM2 row of 576 float16 is 18 cache lines) for the hardware
-// prefetcher.
-// 2 threads, AVX2, one x row, weights from memory, GB/s tiles -> in order: float16 576x576
-// 13.9-17.2 -> 16.3-19.5, 3072x576 16.3-20.1 -> 20.0-22.1, 2048x768 20.0-20.7 -> 20.7-22.7;
-// int8 576x576 9.2-9.8 -> 11.4-12.9, 3072x576 10.7 -> 16.4-17.1, 2048x1024 11.5-14.2 ->
-// 15.6-19.3; with 1536 and more columns the tiles were as fast or faster in that bench, whose
-// layers partly stay in cache. In the 1.1B model (rows of 2048 and 5632), decode, old/new
-// trees alternating, rows of any length in order: float16 medians 11.1 -> 12.1, 9.7 -> 10.2 and
-// 12.05 -> 12.15 tok/s (three sets of 4-6 rounds), bfloat16 10.0 -> 10.5 and 11.65 -> 12.35;
-// SmolLM2 float16 (its 1536-column rows now in order too) 80.9 vs 80.8 over 8 rounds. int8 in
-// order at any length lost (16.6 -> 15.7) until its rows also fetched 1 KB ahead: then 1.1B int8
-// 18.35 -> 21.0 and 18.65 -> 20.4, SmolLM2 int8 100.6 -> 114.5 (medians of 4-6 rounds).
-// float32 rows keep the tiles past 1024 columns and no prefetch: with both, SmolLM2 float32
-// decode went 43.1 -> 38.9 tok/s (medians of six alternating rounds).
+// prefetcher. In order wins at every row length for 16-bit and int8 rows (int8 with the 1 KB
+// prefetch below); float32 rows keep the tiles past 1024 columns, where in order lost
+// (bench/HISTORY.md, "Short rows read in order").
 inline bool reads_in_order(int kind, int64_t M, int64_t k_in) { return M == 1 && (kind != FP32 || k_in <= 1024); }
 constexpr int64_t IN_ORDER_STEP = 64;  // columns per step of rows_in_order (its chains times W)
 
 template <int KIND, int NR>
 void rows_in_order_by(const Params &p, int64_t begin, int64_t end, const Input &xs, int64_t k_in, float *ys) {
-    // independent sums, FMA latency hidden: 8 of AVX2's 8 lanes; 4 of AVX-512's 16 (with 8,
-    // Zen 4's float16 GB/s in SmolLM2 shapes were 14-17, with 4: 20-26, as its AVX2 build)
+    // independent sums, FMA latency hidden: 8 of AVX2's 8 lanes; 4 of AVX-512's 16 (8 of them
+    // streamed slower on Zen 4)
     constexpr int CHAINS = IN_ORDER_STEP / W;
-    // 16-bit and int8 rows also fetch 1 KB ahead, a cache line per 64 bytes read: float16 GB/s
-    // without -> with, alternating: 2048x768 19.5-20.5 -> 22.3-23.8, 576x576 14.7-17.2 ->
-    // 14.2-17.4; SmolLM2 float16 decode, eleven alternating rounds, median 60.6 -> 66.0 tok/s
-    // (faster in 8). int8 gained nothing at 576x576 in the kernel bench (9.0-13.2 -> 9.4-14.3)
-    // but in the models, with its long rows in order too (above). Not float16 rows on AVX-512:
-    // there (Zen 4) they stream faster on the hardware prefetcher alone. A standalone GEMV over
-    // 2 GB of float16 rows, medians of ten: 31.5 GB/s without, 20.7 with; 1.1B float16 decode,
-    // three alternations: 9.5-11.6 -> 10.6-12.5 tok/s. bf16 and int8 rows (64-byte split loads)
-    // and SmolLM2's float16 (mostly from L3) moved within noise either way.
+    // 16-bit and int8 rows also fetch 1 KB ahead, a cache line per 64 bytes read, which streamed
+    // faster; not float16 rows on AVX-512, which (Zen 4) stream faster on the hardware
+    // prefetcher alone (bench/HISTORY.md, "Streaming weights on Zen 4").
     constexpr bool PREFETCH = KIND != FP32 && !(KIND == FP16 && W == 16);
     constexpr int64_t AHEAD = 1024;
     constexpr int64_t BYTES = KIND == INT8 ? 1 : 2;  // per weight (float32 rows are neither prefetched nor split)
@@ -293,13 +278,9 @@ void rows_in_order_by(const Params &p, int64_t begin, int64_t end, const Input &
 // Rows longer than 5120 columns go four at a time, each x vector loaded once for the four: past
 // ~20 KB, an x row in float32 no longer stays in L1 beside the weights streaming through, so one
 // row at a time re-read all of x from L2 per row, two x cache lines per weight line (bf16), and
-// such rows streamed ~30% slower than rows of 2048-4096 (bench/RESULTS.md, "Long rows").
-// Each row keeps its own chains, so its sum is bit for bit the one-row walk's. Zen 4, from
-// memory, old/new alternating in one process, G MAC/s ratios, 2 threads / 1 thread: 1024x11008
-// bf16 1.36/1.51, float16 1.40/1.54, int8 1.36/1.55; 1024x13824 1.51, 1.48, 1.53 (2 threads);
-// 2048x5632 (the 1.1B down projection) 1.09/1.07, 1.14/1.21, 1.15/1.14; AVX2 build, 2 threads,
-// 1024x11008 1.47, 1.23, 1.35 and 2048x5632 1.01-1.06. Two rows instead of four: 1.13-1.25 at
-// 11008-13824, bf16 0.93-0.97 at 5632. At 5120 columns four rows moved 0.95-1.15, so they start past it.
+// such rows streamed markedly slower than rows of 2048-4096 (bench/HISTORY.md, "Long rows").
+// Each row keeps its own chains, so its sum is bit for bit the one-row walk's. Four rows beat
+// two; at 5120 columns they did not yet gain, so they start past it.
 constexpr int64_t SHARED_X_MIN_COLS = 5121;
 constexpr int SHARED_X_ROWS = 4;
 
@@ -346,10 +327,8 @@ inline __m256i int4_row_sum(const uint8_t *row, const int16_t *xq, int64_t c, in
 // codes times xq summed in int32 (int4_block_sums; one row: int4_row_sum) and scaled into float32
 // once per block; then each row's shift term over the groups, the NR rows' dot products side by
 // side. `tile`, general over spans of columns and x rows, ran 32-element groups at about half
-// this speed (perf: its per-group loop control, and 6% of the time in each row's shift dot
-// product, one dependency chain). 1.1B shapes, one x row, 2 threads, old/new alternating:
-// int4g32 12.3-16.0 -> 19.9-24.9 GB/s; SmolLM2 int4g32 decode 98-105 -> 127-149 tok/s. Groups of
-// 128 and per-row int4 moved within this VM's noise (later, per-row int4 alone: see rows_for).
+// this speed (perf: its per-group loop control, and each row's shift dot product, one
+// dependency chain; bench/HISTORY.md, "Figures that were in code comments").
 template <int KIND, int NR>
 inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out) {
     const int64_t groups = p.groups_per_row;
@@ -390,16 +369,11 @@ inline void int4_tile_one_x(const Params &p, int64_t n, const Input &in, int64_t
 // NR int4 rows against MR x rows (batched decode): int4_tile_one_x's blocks with MR x rows.
 // The NR x MR float sums stay in memory between blocks (the empty asm below keeps them there):
 // the int32 sums and the unpacked codes need every vector register, and the general tile,
-// holding both sets in registers, spilled its int32 sums on every 32 codes (perf). 1.1B shapes,
-// 8 x rows, 2 threads, G multiply-adds/s, old/new alternating: int4 48-56 -> 60-72, int4g128
-// 41-55 -> 53-71, int4g32 26-32 -> 39-49. On AVX-512, rows in pairs (int4_pair_sums), 4 rows
-// by 8 x rows (Zen 4, `bench/kernels.py --rows 4 8`, 8 rows: int4 49-66 -> 98-108, int4g128
-// 43-50 -> 50-72, int4g32 even; 1.1B int4 served to 8 clients 52-68 -> 76-88 tok/s).
-// A row's MR outputs are reduced together (lane_sums; a vsum per output before: Zen 4, 2
-// threads, 8 x rows, 1.1B shapes, int4 80-100 -> 90-117 G multiply-adds/s, grouped int4 even;
-// 1.1B int4 decode of 8 sequences 82.7 -> 89.1 tok/s). Summing each block's int32 lanes before
-// scaling (one float multiply-add per block and output) was as fast at 8 x rows but took a single
-// x row's grouped int4 from 34-44 to 24-33.
+// holding both sets in registers, spilled its int32 sums on every 32 codes (perf). On AVX-512,
+// rows in pairs (int4_pair_sums), 4 rows by 8 x rows (bench/HISTORY.md, "Paired int4 rows on
+// AVX-512"). A row's MR outputs are reduced together (lane_sums) rather than a vsum per output
+// (bench/HISTORY.md, "Batched int4 epilogue"). Summing each block's int32 lanes before scaling
+// was as fast at 8 x rows but slowed a single x row's grouped int4.
 template <int KIND, int NR, int MR>
 inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t k_in, float *out, int64_t n_out) {
     const int64_t groups = p.groups_per_row;
@@ -425,12 +399,9 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
             }
         }
     });
-    // y = (lane sums) * xscale + shift . xsum, the MR x rows side by side (MR <= 8 lanes). With the
-    // first block not reading zeros back and this end in vectors (a scalar end and a dot product
-    // per output before), in one process: int4 8 x rows 116.7 -> 129.2 G multiply-adds/s
-    // (11264x2048), 151.4 -> 157.6 (2048x5632); int4g128 103.8 -> 113.0, 101.8 -> 109.9 (with
-    // the vpdpwssd asm); 1.1B int4 decode_batch of 8 sequences, with the asm and parallel_parts'
-    // chunks too: 116.6 -> 125.8 tok/s.
+    // y = (lane sums) * xscale + shift . xsum, the MR x rows side by side (MR <= 8 lanes), in
+    // vectors rather than a scalar end and a dot product per output (bench/HISTORY.md, "Attention
+    // in blocks, decode rows in chunks, a vector tile end").
     alignas(32) float xscale[8] = {}, xsum[8] = {};
     std::copy(in.xscale, in.xscale + MR, xscale);
     if (groups == 1)
@@ -460,10 +431,8 @@ inline void int4_tile_few_x(const Params &p, int64_t n, const Input &in, int64_t
 // Long per-row int4 rows take the four-row tile for a single x row too, for the reason the 16-bit
 // rows do (rows_in_order): one row at a time, an x row of 16-bit integers past ~8 KB was re-read
 // from L2 for every weight row, four x lines per weight line. Bit for bit the same sums (integer
-// lanes, then one scaling per block in both). Zen 4, from memory, old/new alternating, G MAC/s
-// ratio, 2 threads / 1 thread: 1024x11008 1.51/1.76, 1024x8192 1.29-1.39, 2048x5632 1.08-1.17 /
-// 1.28, 2048x4096 1.05/0.97; the AVX2 build lost at 5632 (0.83-0.88) and gained from 8192 (1.02,
-// 1.03) to 11008 (1.39), so there the tile starts past 8192 columns.
+// lanes, then one scaling per block in both). The AVX2 build gains only past 8192 columns, so
+// there the tile starts later (bench/HISTORY.md, "Long rows").
 constexpr int64_t INT4_SHARED_X_MIN_COLS = W == 16 ? 4097 : 8193;
 
 template <int KIND>
@@ -474,13 +443,10 @@ void rows_for(const Params &p, int64_t begin, int64_t end, int64_t M, const Inpu
         if (M == 1) {
             // per-row int4 (one group a row) one row at a time, in order (up to
             // INT4_SHARED_X_MIN_COLS columns; past it in tiles of four): a single stream per
-            // thread, which the hardware prefetcher follows best (Zen 4, 1.1B int4 decode, three
-            // alternations: 27.0-29.2 -> 34.7-35.4 tok/s; a standalone GEMV over 1 GB of rows,
-            // medians of ten: 4 rows interleaved 17.8 GB/s, one in order 27.0). Groups of 128
-            // went the other way (24.0-27.1 -> 20.5-21.5 tok/s: each row's short blocks then pay
-            // their own setup and scaling), so grouped rows stay in tiles: two rows for groups of
-            // 128 and more (1.1B int4g128 decode, six alternations, medians 26.5 -> 28.7 tok/s,
-            // faster in five), four for groups of 32 (SmolLM2 int4g32: two rows lost in all three).
+            // thread, which the hardware prefetcher follows best. Grouped rows went the other way
+            // (each row's short blocks then pay their own setup and scaling), so they stay in
+            // tiles: two rows for groups of 128 and more, four for groups of 32 (bench/HISTORY.md,
+            // "Streaming weights on Zen 4").
             if (p.groups_per_row == 1) {
                 if (k_in >= INT4_SHARED_X_MIN_COLS)
                     for (; n + 4 <= end; n += 4) int4_tile_one_x<KIND, 4>(p, n, xs, k_in, ys + n);
@@ -597,9 +563,8 @@ float int16_step(const float *row, int64_t k_in) {
 }
 
 // round(x / s) for the W elements of x from p, as float32 (exact integers): vector division and
-// rounding to nearest even, the same numbers as quant.round_input_int16's. Scalar, rounding 8
-// rows took 51 us per linear at K = 2048 and 131 at 5632 (now 11 and 21), about 6 ms of a 1.1B
-// decode step's 85 for 8 sequences.
+// rounding to nearest even, the same numbers as quant.round_input_int16's (scalar rounding took
+// a noticeable share of a batched decode step: bench/HISTORY.md, "Batched int4 epilogue").
 inline vec grid_steps(const float *p, vec s) { return vround(vdiv(vload(p), s)); }
 
 // int4's input: each row rounded to 16 bits, xq = round(x / s) with s = max|x| / 32767 (the
@@ -663,10 +628,9 @@ void linear_raw(const std::vector<Params> &ps, int64_t M, const float *x, int64_
     int64_t n_total = 0;
     for (const Params &p : ps) n_total += p.n;
     // int4 on at least as many x rows as a group has elements: the integer tiles would rescale
-    // each group's sums more often (once per x row) than widening touches each weight (once).
-    // 1.1B shapes, 32-element groups, 128 rows: 97-108 GFLOP/s widened vs 54-63 (64 rows: 92-94
-    // vs 53-65); groups of 128 at 128 rows 108-120 vs 86-92; at 16 rows the integer tiles win.
-    // a prompt past the decode tiles' rows: cache-sized blocks (16 served sequences through the
+    // each group's sums more often (once per x row) than widening touches each weight (once); at
+    // 16 rows the integer tiles win (bench/HISTORY.md, "Figures that were in code comments").
+    // A prompt past the decode tiles' rows: cache-sized blocks (16 served sequences through the
     // blocks gave other greedy tokens than each alone: the blocks sum long rows in other spans)
     const bool blocked = M > BLOCKED_ABOVE && !steps;
     const bool widen = kind == INT4 && blocked && M >= ps[0].group;

@@ -2,15 +2,14 @@
 // bfloat16, weights as bfloat16 (bf16 rows in place; int8 codes, exact in bf16; int4 values
 // dequantized with fastllm's formula, then rounded), multiplied by vdpbf16ps, which adds 32
 // bf16 products into 16 float32 lanes per instruction, twice the multiply-adds of float32 FMA
-// (Zen 4, 2 threads: 430 vs 220 GFLOP/s in register-only loops). Sums and outputs stay float32
+// (bench/mac_peaks.cpp measures both peaks). Sums and outputs stay float32
 // (torch's bf16 GEMM, and transformers' bf16 model, round outputs to bf16 too). fastllm itself
 // rounds x as well (to float16 for 16-bit weights, to 8 bits for int8/int4). float16 weights
 // keep the float32 kernels: bf16 would drop three bits of each weight.
 //
 // Blocked as rows_blocked in linear_simd.cpp: NC weight rows x KC columns (bf16: 192 KB, in L2)
-// meet every MR-row tile of x (KC columns of it, 24 KB, in L1); NR x MR accumulators. 1.1B
-// shapes, M = 64/128/512, two alternations: 6 x rows per tile beat 4 in 9 of 12 pairs
-// (bfloat16 at 512 rows 330/278 -> 360/329 GFLOP/s; 128 rows within noise).
+// meet every MR-row tile of x (KC columns of it, 24 KB, in L1); NR x MR accumulators (6 x rows
+// per tile beat 4: bench/HISTORY.md, "Prompts in bfloat16 dot products").
 #include "flm_kernels.h"
 
 #if defined(__AVX512BF16__)

@@ -70,10 +70,8 @@ inline vec load_fp16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si2
 // Split loads: one 64-byte load of bf16 or int8 weights widened to float32 by shifts and masks
 // within 32-bit lanes into S vectors, vector s holding elements j * S + s; load_bf16 and load_u8
 // widen with cross-lane shuffles, which AMD Zen 4 runs at half rate on 512-bit vectors. One x
-// row against these rows reads them so (rows_in_order), x reordered to match. On Zen 4, one x
-// row: bf16 GB/s 16-18 -> 20-27 (SmolLM2 shapes); 1.1B int8 decode, old/new alternating,
-// 16.0-16.9 -> 19.3-20.2 tok/s (its AVX2 build: 17.9-21.0). The AVX2 build keeps its loads:
-// bf16 pairs there were slower on the same CPU (medians of 15 samples 22.5 -> 20.3 GB/s).
+// row against these rows reads them so (rows_in_order), x reordered to match. The AVX2 build
+// keeps its loads: bf16 pairs there were slower (bench/HISTORY.md, "Streaming weights on Zen 4").
 constexpr int split_loads(int kind) { return kind == BF16 ? 2 : kind == INT8 ? 4 : 1; }
 inline void load_split(int kind, const uint8_t *p, vec *out) {
     const __m512i v = _mm512_loadu_si512(p);

@@ -4,8 +4,8 @@ kernels on a CPU, the Triton kernels on a GPU) at decode-sized inputs (1, 4 and 
 Prints weight bytes read per second and multiply-adds per second, to tell a bandwidth-bound
 kernel from a compute-bound one.
 
-    python bench/kernels.py [--threads 2] [--rows 1 4 8] [--shapes 1024x11008 --copies 12]
-    python bench/kernels.py --device cuda --rows 1 8 128 [--reference] [--gemv-blocks 16x256 32x128x8]
+    python bench/linear_kernels.py [--threads 2] [--rows 1 4 8] [--shapes 1024x11008 --copies 12]
+    python bench/linear_kernels.py --device cuda --rows 1 8 128 [--reference] [--gemv-blocks 16x256 32x128x8]
 
 --reference times the reference path (on a GPU: widening blocks of rows with torch ops, what
 runs without Triton); --gemv-blocks compares Triton GEMV tiles (outputs x inputs [x warps]);

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import CheckpointError
+from ..format import keys
+from ..format.flm import VocabEntry
+from ..format.gguf import PRE_SPLITS, GGUFFile
+from ..format.sentencepiece import (  # GGUF token types number the same way
+    MATCHED_IN_TEXT,
+    PieceType,
+)
 from .byte_level_splits import split_named
-from .convert import TokenizerFiles
-from .errors import CheckpointError
-from .format.flm import VocabEntry
-from .format.gguf import PRE_SPLITS, GGUFFile
-from .format.sentencepiece import MATCHED_IN_TEXT, PieceType  # GGUF token types number the same way
-from .vocab_tokenizer import tokenizer_from_vocab
+from .files import TokenizerFiles
+from .from_vocab import tokenizer_from_vocab
 
 log = logging.getLogger("flm")
 
@@ -56,7 +60,7 @@ def gguf_tokenizer_files(gguf: GGUFFile) -> TokenizerFiles:
                         "Convert the Hugging Face folder for exact ids", gguf.path.name)
         entries = [VocabEntry(t.encode("utf-8"), i, float(s)) for i, (t, s) in enumerate(zip(tokens, scores))]
         special = [t for t, k in zip(tokens, types) if k in MATCHED_IN_TEXT]
-        kv = {"tokenizer_add_dummy_prefix": str(bool(gguf.value("tokenizer.ggml.add_space_prefix", True)))}
+        kv = {keys.ADD_DUMMY_PREFIX: str(bool(gguf.value("tokenizer.ggml.add_space_prefix", True)))}
         files.tokenizer_json = tokenizer_from_vocab(entries, special, kv).backend_json()
     else:
         raise CheckpointError(f"{gguf.path}: GGUF tokenizer model {kind!r} is not supported (flm reads 'gpt2' and 'llama')")

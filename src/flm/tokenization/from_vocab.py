@@ -12,10 +12,11 @@ Hugging Face matches in the raw text before any split (e.g. DeepSeek's "ü", Lla
 
 from __future__ import annotations
 
+from ..config import parse_scalar
+from ..errors import TemplateError
+from ..format import keys
+from ..format.flm import VocabEntry
 from .byte_level_splits import byte_level_split
-from .config import parse_scalar
-from .errors import TemplateError
-from .format.flm import VocabEntry
 from .tokenizer import Tokenizer
 
 
@@ -57,9 +58,9 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
         vocab[piece] = entry.token_id
         scores[piece] = entry.score
     special = set(special_tokens)
-    byte_level = bool(parse_scalar(kv.get("tokenizer_byte_as_char", "False")))
-    dummy_prefix = bool(parse_scalar(kv.get("tokenizer_add_dummy_prefix", "True")))
-    collapse_spaces = bool(parse_scalar(kv.get("tokenizer_remove_extra_whitespaces", "False")))
+    byte_level = bool(parse_scalar(kv.get(keys.BYTE_AS_CHAR, "False")))
+    dummy_prefix = bool(parse_scalar(kv.get(keys.ADD_DUMMY_PREFIX, "True")))
+    collapse_spaces = bool(parse_scalar(kv.get(keys.REMOVE_EXTRA_WHITESPACES, "False")))
     has_byte_tokens = "<0x00>" in vocab
     added = _added_byte_level(vocab, scores) if byte_level else set()
     ranked = {piece: score for piece, score in scores.items() if piece not in added}
@@ -85,4 +86,4 @@ def tokenizer_from_vocab(entries: list[VocabEntry], special_tokens: list[str], k
     if added - special:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in sorted(added - special)])
     return Tokenizer(tok.to_str(), vocab_size=max(vocab.values(), default=-1) + 1,
-                     nfkc=bool(parse_scalar(kv.get("tokenizer_nfkc", "False"))))
+                     nfkc=bool(parse_scalar(kv.get(keys.NFKC, "False"))))

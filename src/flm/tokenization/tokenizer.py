@@ -13,9 +13,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .errors import TemplateError
-from .format.flm import VocabEntry
-from .format.sentencepiece import MATCHED_IN_TEXT, read_sentencepiece_model
+from ..errors import TemplateError
+from ..format import keys
+from ..format.flm import VocabEntry
+from ..format.sentencepiece import MATCHED_IN_TEXT, read_sentencepiece_model
 
 FIX_TOKEN = re.compile(r"<FLM_FIX_TOKEN_(-?\d+)>")
 FIX_TOKEN_START = "<FLM_FIX_TOKEN_"
@@ -99,9 +100,9 @@ def fastllm_vocab_from_tokenizer_json(data: dict[str, Any]) -> FastllmVocab:
         for piece, token_id in sorted(vocab.items(), key=lambda kv: kv[1])
     ]
     special = [a["content"] for a in sorted(data.get("added_tokens") or [], key=lambda a: a["id"]) if a.get("special")]
-    kv = {"tokenizer_add_dummy_prefix": str(_has_dummy_prefix(data))}
+    kv = {keys.ADD_DUMMY_PREFIX: str(_has_dummy_prefix(data))}
     if _is_byte_level(data):
-        kv["tokenizer_byte_as_char"] = "True"
+        kv[keys.BYTE_AS_CHAR] = "True"
     return FastllmVocab(entries, special, kv)
 
 
@@ -116,11 +117,11 @@ def fastllm_vocab_from_sentencepiece(model_file: str) -> FastllmVocab:
                             ".save_pretrained(dir)) and convert again")
     entries = [VocabEntry(p.text.encode("utf-8"), i, p.score) for i, p in enumerate(model.pieces)]
     special = [p.text for p in model.pieces if p.type in MATCHED_IN_TEXT]
-    kv = {"tokenizer_add_dummy_prefix": str(model.add_dummy_prefix)}
+    kv = {keys.ADD_DUMMY_PREFIX: str(model.add_dummy_prefix)}
     if model.remove_extra_whitespaces:
-        kv["tokenizer_remove_extra_whitespaces"] = "True"
+        kv[keys.REMOVE_EXTRA_WHITESPACES] = "True"
     if "nfkc" in model.normalizer:
-        kv["tokenizer_nfkc"] = "True"
+        kv[keys.NFKC] = "True"
     return FastllmVocab(entries, special, kv)
 
 
