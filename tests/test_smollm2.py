@@ -91,11 +91,12 @@ def test_half_precision_first_32_greedy(flm_files, hf_model, hf_tokenizer, dtype
     assert list(m.generate_ids(ids, llm.SamplingConfig(max_length=32))) == _hf_greedy(hf_model, ids, 32)
 
 
-# Regression floors under the values measured with fastllm's exact formulas (README, "Quantization
-# quality"): int8 0.836, int4g32 0.504 next-token agreement over these 256 tokens. fastllm's
+# Regression floors about four tokens under the values measured with fastllm's exact formulas
+# (docs/measurements.md, "Quantization quality"; 2026-12-08, Zen 4: int8 0.836 with float32 prompts,
+# 0.844 with bf16 ones, int4g32 0.504 with either) over these 256 tokens. fastllm's
 # readers recompute zero points from the stored (min, max), which costs int8 a step on about half
 # the rows and int4 most of its precision on groups that do not straddle zero.
-@pytest.mark.parametrize("dtype,minimum", [("int8", 0.80), ("int4g", 0.45)])
+@pytest.mark.parametrize("dtype,minimum", [("int8", 0.82), ("int4g", 0.49)])
 def test_quantized_agreement_over_256_tokens(flm_files, hf_tokenizer, dtype, minimum):
     ids = hf_tokenizer(english_text(), add_special_tokens=False)["input_ids"][:257]
     assert len(ids) == 257
