@@ -111,3 +111,34 @@ def test_environment_switches_are_read_in_one_place_and_listed_in_help(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert not [name for name in SWITCHES if name not in out]
+
+
+def test_version_names_flm_torch_and_the_kernel_build_without_compiling(capsys, monkeypatch):
+    import torch
+
+    import flm
+    import flm.kernels.native as native
+
+    monkeypatch.setattr(native, "native", lambda: pytest.fail("--version must not build the kernels"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert f"flm {flm.__version__}" in out and f"torch {torch.__version__}" in out and "CPU kernels: " in out
+    monkeypatch.setenv("FLM_KERNELS", "reference")
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "CPU kernels: none (FLM_KERNELS=reference)" in capsys.readouterr().out
+
+
+def test_setup_builds_the_kernels_or_says_there_are_none(capsys, monkeypatch):
+    from flm.kernels.native import kernel_build, native
+
+    if isinstance(kernel_build(), str):
+        pytest.skip(f"no SIMD kernels for this machine ({kernel_build()})")
+    assert native() is not None, "the kernels this CPU allows did not build"
+    assert main(["setup"]) == 0
+    assert f"kernels are built in {kernel_build().directory}" in capsys.readouterr().out
+    monkeypatch.setenv("FLM_KERNELS", "reference")
+    assert main(["setup"]) == 0
+    assert "no CPU kernels to build (FLM_KERNELS=reference)" in capsys.readouterr().out

@@ -131,3 +131,52 @@ def test_runaway_templates_are_stopped():
         render_chat_template("{% for i in range(10**9) %}{% endfor %}", [])
     with pytest.raises(TemplateError, match="size or time limit"):
         render_chat_template("{% for i in range(10000) %}{% for j in range(10000) %}xxxxxxxx{% endfor %}{% endfor %}", [])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_files_prompts_come_from_one_place(tmp_path, tiny_dir):
+    """Where the model's own chat_template is in charge (no preset, or one guessed from the name
+    or family), the file carries it under `chat_template`, the key fastllm renders with, and no
+    prompt strings; a preset chosen on purpose writes fastllm's strings and no template, so that
+    fastllm and flm build the same prompt from either file."""
+    import shutil
+
+    from flm import llm
+    from flm.convert import convert
+    from flm.format.flm import read_flm
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_dir, src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    own, chosen = tmp_path / "own.flm", tmp_path / "chosen.flm"
+    convert(src, own, ConvertOptions(dtype="float32", progress=False))
+    convert(src, chosen, ConvertOptions(dtype="float32", template="vicuna", progress=False))
+
+    kv = read_flm(own).kv
+    assert kv["chat_template"] == CHATML and "pre_prompt" not in kv and "flm.chat_template" not in kv
+    assert llm.model(own).get_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    kv = read_flm(chosen).kv
+    assert "chat_template" not in kv and kv["user_role"] == PRESETS["vicuna"].user_role
+    assert llm.model(chosen).get_prompt("hi") == PRESETS["vicuna"].prompt("hi", [])
+
+
+@pytest.mark.parametrize("kv,expected", [
+    ({"chat_template": CHATML, "pre_prompt": "P", "user_role": "U"}, "template"),  # fastllm: the template wins
+    ({"pre_prompt": "P", "user_role": "U"}, "strings"),
+    ({}, "neither"),
+    ({"flm.chat_template": CHATML, "user_role": "U", "flm.template_source": "explicit"}, "strings"),
+    ({"flm.chat_template": CHATML, "user_role": "U", "flm.template_source": "guess"}, "template"),
+    ({"flm.chat_template": CHATML}, "template"),
+])
+def test_prompt_sources_as_fastllm_reads_them(kv, expected):
+    """fastllm's rule for a `chat_template` key, and flm's earlier files (flm.chat_template) as they were read."""
+    from flm.llm import _prompt_sources
+
+    template, strings = _prompt_sources(kv)
+    got = "template" if template == CHATML else "strings" if strings is not None else "neither"
+    assert got == expected
+    assert template is None or strings is None

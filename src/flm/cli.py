@@ -62,6 +62,41 @@ def _templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup(args: argparse.Namespace) -> int:
+    """Compile the CPU kernels now (for images and CI), rather than at the first model load."""
+    from .kernels.native import kernel_build, native
+
+    build = kernel_build()
+    if isinstance(build, str):
+        print(f"flm: no CPU kernels to build ({build}); models run on the plain torch path")
+        return 0
+    if native() is None:
+        raise FlmError(f"the {build.isa} kernels could not be built (the log line above says why); models "
+                       f"run on the plain torch path until a C++ compiler and ninja are installed")
+    print(f"flm: the {build.isa} kernels are built in {build.directory}")
+    return 0
+
+
+class _Version(argparse.Action):
+    """`flm --version`: flm, torch and the CPU kernel build, without compiling anything."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        from . import __version__
+        from .kernels.native import kernel_build
+
+        build = kernel_build()
+        if isinstance(build, str):
+            kernels = f"none ({build})"
+        elif build.built:
+            kernels = f"{build.isa}, built in {build.directory}"
+        else:
+            kernels = f"{build.isa}, not built yet (compiled at the first model load, or now by `flm setup`)"
+        print(f"flm {__version__}\ntorch {torch.__version__}\nCPU kernels: {kernels}")
+        parser.exit()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import llm
     from .builtin import smollm2_flm
@@ -207,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the versions of flm, torch and the kernel build")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     conv = sub.add_parser("convert", help="convert a Hugging Face model folder (or a LLaMA .gguf) to .flm",
@@ -312,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tmpl = sub.add_parser("templates", help="list the prompt presets")
     tmpl.set_defaults(func=_templates)
+
+    setup = sub.add_parser("setup", help="compile the CPU kernels now (otherwise done at the first model load)",
+                           description="Compile the SIMD kernels for this CPU into the cache (about 1.5 minutes "
+                                       "on 2 cores), so that the first chat, serve or bench starts at once: "
+                                       "for container images and CI.")
+    setup.set_defaults(func=_setup)
     return parser
 
 

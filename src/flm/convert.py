@@ -108,10 +108,13 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
     cfg = family.config(raw, generation_config)
     names = tuple(model_names) + (str(raw.get("_name_or_path") or ""),)
     template_name, template, template_source = choose_template(raw, options, family.template_for(raw), names)
-    if template_name:
-        log.info("prompt template: %s (%s)", template_name, template_source)
-    elif tokenizer.chat_template:
+    # a preset guessed from the name or the family yields to the model's own chat_template
+    chat_template = tokenizer.chat_template if template_source in ("", "guess", "family") else None
+    if chat_template:
+        template = None
         log.info("prompt template: the model's own chat_template")
+    elif template_name:
+        log.info("prompt template: %s (%s)", template_name, template_source)
     vocab = tokenizer.fastllm_vocab()
     plan = family.plan(source, cfg)  # checks every shape before anything is written
 
@@ -136,8 +139,8 @@ def write_model(out: str | os.PathLike, source: TensorSource, raw_config: dict[s
         kv[TOKENIZER_CONFIG_KEY] = json.dumps(
             {k: v for k, v in tokenizer.tokenizer_config.items() if k not in ("chat_template", "added_tokens_decoder")},
             default=str)
-    if tokenizer.chat_template:
-        kv[CHAT_TEMPLATE_KEY] = tokenizer.chat_template
+    if chat_template:
+        kv[CHAT_TEMPLATE_KEY] = chat_template
     if vocab is not None and vocab.entries:
         kv[keys.USE_SCORE] = "1"
     if vocab is not None and vocab.special_tokens:

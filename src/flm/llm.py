@@ -20,13 +20,8 @@ from .errors import FlmError, FlmFormatError, TemplateError
 from .families import find_family
 from .format import keys
 from .format.flm import FlmFile, read_flm, rewrite_flm
-from .format.keys import (
-    CHAT_TEMPLATE_KEY,
-    NORMALIZED_KEY,
-    TEMPLATE_SOURCE_KEY,
-    TOKENIZER_CONFIG_KEY,
-    TOKENIZER_JSON_KEY,
-)
+from .format.keys import (CHAT_TEMPLATE_KEY, LEGACY_CHAT_TEMPLATE_KEY, NORMALIZED_KEY, TEMPLATE_SOURCE_KEY,
+                          TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY)
 from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
 from .loader import load_transformer
 from .templates import PRESETS, Template, render_chat_template, template_from_kv
@@ -56,6 +51,21 @@ def _config_adopting_names(flm: FlmFile) -> ModelConfig:
     cfg = family.config(raw)
     family.adopt_file_names(flm, cfg)  # a fastllm-written file: the checkpoint's own tensor names
     return cfg
+
+
+def _prompt_sources(kv: dict[str, str]) -> tuple[str | None, Template | None]:
+    """(chat template, prompt strings) a file's prompts come from, the one in charge first. As in
+    fastllm, a `chat_template` key wins over the prompt strings; without one the strings apply
+    (None: fastllm's default). Files flm wrote before 2026-12-08 kept the template under
+    `flm.chat_template`, where it yielded only to strings chosen on purpose, not to a preset
+    guessed from the model's name or family."""
+    stored = template_from_kv(kv)
+    if kv.get(CHAT_TEMPLATE_KEY):
+        return kv[CHAT_TEMPLATE_KEY], None
+    legacy = kv.get(LEGACY_CHAT_TEMPLATE_KEY)
+    if legacy and (stored is None or kv.get(TEMPLATE_SOURCE_KEY) in ("guess", "family")):
+        return legacy, None
+    return None, stored
 
 
 def _checked_device(device: str | torch.device | None) -> str:
@@ -96,11 +106,7 @@ class model:  # noqa: N801 - fastllm's class name
         else:
             raise FlmFormatError(self._flm.path, "the file carries no tokenizer")
         self.tokenizer_config: dict[str, Any] = json.loads(kv.get(TOKENIZER_CONFIG_KEY, "{}"))
-        self.chat_template = kv.get(CHAT_TEMPLATE_KEY)
-        stored = template_from_kv(kv)
-        if stored is not None and kv.get(TEMPLATE_SOURCE_KEY) in ("guess", "family") and self.chat_template:
-            stored = None  # a guessed preset yields to the model's own chat_template
-        # chosen prompt strings win; then the model's chat_template; then fastllm's default (alpaca)
+        self.chat_template, stored = _prompt_sources(kv)
         self.template: Template | None = stored or (None if self.chat_template else PRESETS["alpaca"])
         self.eos_ids = set(self.config.eos_token_ids)
         eos_text = self.tokenizer_config.get("eos_token")

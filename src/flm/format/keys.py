@@ -15,11 +15,15 @@ REMOVE_EXTRA_WHITESPACES = "tokenizer_remove_extra_whitespaces"  # SentencePiece
 BYTE_AS_CHAR = "tokenizer_byte_as_char"  # byte-level (GPT-2 style) pieces
 NFKC = "tokenizer_nfkc"  # NFKC-normalize the input first (XVERSE)
 
+# a Jinja chat template: when present, fastllm (src/fastllm.cpp) renders every prompt with it and
+# ignores the prompt strings above; flm writes it only where the model's own template is in charge
+CHAT_TEMPLATE_KEY = "chat_template"
+
 # flm's extras
 NORMALIZED_KEY = "flm.config"  # the normalized ModelConfig as JSON
 TOKENIZER_JSON_KEY = "flm.tokenizer_json"  # the complete tokenizer.json
 TOKENIZER_CONFIG_KEY = "flm.tokenizer_config"  # tokenizer_config.json's special-token strings
-CHAT_TEMPLATE_KEY = "flm.chat_template"  # the model's own chat_template
+LEGACY_CHAT_TEMPLATE_KEY = "flm.chat_template"  # where flm's files before 2026-12-08 kept the template
 TEMPLATE_NAME_KEY = "flm.template"  # the preset the prompt strings came from
 TEMPLATE_SOURCE_KEY = "flm.template_source"  # how it was chosen: explicit, config, family, guess
 FORMAT_KEY = "flm.format"  # a note on the writer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,34 +54,56 @@ def cpu_isa() -> tuple[str, list[str]] | None:
     return None
 
 
+@dataclass(frozen=True)
+class KernelBuild:
+    """The kernels this machine and these sources call for: their instruction set, compiler
+    flags and cache folder (a new one whenever the sources, the flags or torch change)."""
+
+    isa: str
+    flags: tuple[str, ...]
+    directory: Path
+
+    @property
+    def built(self) -> bool:
+        return any(self.directory.glob("*.so"))
+
+
+def kernel_build() -> KernelBuild | str:
+    """The build the SIMD kernels need here, or why there is none."""
+    if setting("FLM_KERNELS") == "reference":
+        return "FLM_KERNELS=reference"
+    isa = cpu_isa()
+    if isa is None:
+        return "the CPU lacks AVX2/FMA/F16C"
+    name, cflags = isa
+    # -ffp-contract=off: the scalar ends of the tiles (y * scale + shift) round the same in every
+    # template instance, so a batch's rows equal each row computed alone bit for bit (int4)
+    flags = ("-O3", "-fopenmp", "-ffp-contract=off", *cflags)
+    sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
+    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:10]
+    return KernelBuild(name, flags, kernel_build_dir() / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}")
+
+
 @lru_cache(maxsize=1)
 def native():
     """The compiled module, or None when the fast path is unavailable (the reason is logged)."""
-    if setting("FLM_KERNELS") == "reference":
+    build = kernel_build()
+    if isinstance(build, str):
+        log.info("no SIMD kernels (%s): using the reference kernels", build)
         return None
-    isa = cpu_isa()
-    if isa is None:
-        log.info("CPU lacks AVX2/FMA/F16C: using the reference kernels")
-        return None
-    name, cflags = isa
     from torch.utils.cpp_extension import load
 
-    # -ffp-contract=off: the scalar ends of the tiles (y * scale + shift) round the same in every
-    # template instance, so a batch's rows equal each row computed alone bit for bit (int4)
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *cflags]
-    sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))
-    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:10]  # a new build when either changes
-    build = kernel_build_dir() / f"torch{torch.__version__.split('+')[0]}-{name}-{digest}"
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        log.info("compiling the %s kernels once (a minute or two; cached in %s)", name, build)
+    build.directory.mkdir(parents=True, exist_ok=True)
+    if not build.built:
+        log.info("compiling the %s kernels once (about 1.5 minutes on 2 cores; cached in %s)", build.isa,
+                 build.directory)
     try:
         # -fopenmp: at::parallel_for is a header template that runs serially without it; the
         # module then shares torch's own libgomp.so.1 (same soname, already loaded).
-        return load(name=f"flm_kernels_{name}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        return load(name=f"flm_kernels_{build.isa}", sources=[str(p) for p in SOURCES], extra_cflags=list(build.flags),
+                    extra_ldflags=["-fopenmp"], build_directory=str(build.directory), verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: keep working on the reference path
-        log.warning("could not build the %s kernels (%s); using the reference kernels", name, str(exc)[:200])
+        log.warning("could not build the %s kernels (%s); using the reference kernels", build.isa, str(exc)[:200])
         return None
 
 
