@@ -44,6 +44,7 @@ VARIANTS = {
     "head-24": ({"num_attention_heads": 8, "head_dim": 24}, None),  # 8 and 16 lanes do not divide 24
     "dynamic-ntk": ({"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, None),
 }
+WINDOW = 128  # past every variant's trained window (dynamic NTK's 16 x 2 included)
 CASES = [("gqa", d) for d in DTYPES] + [(v, d) for v in VARIANTS if v != "gqa" for d in ("float32", "int4g")]
 
 
@@ -82,11 +83,11 @@ def _load(path, variant: str, kind: str):
     device = "cuda" if kind == "cuda-graph" and GPU else "cpu"
     model = llm.model(path, reference=kind == "torch/reference-linears", device=device).model
     model.cfg.sliding_window = VARIANTS[variant][1]
-    reference = Backend(model)
+    reference = Backend(model, WINDOW)
     if kind == "cpu-step":
-        return CpuStepBackend(model), reference
+        return CpuStepBackend(model, WINDOW), reference
     if kind == "cuda-graph":
-        return CudaGraphBackend(model, record=GPU), reference
+        return CudaGraphBackend(model, WINDOW, record=GPU), reference
     return reference, reference
 
 
@@ -265,3 +266,13 @@ def test_a_batch_size_is_recorded_once_and_replayed_for_other_caches(files):
     assert recorded.graph is not None
     scenario(backend)  # other caches, grown at other steps: the same recording replays
     assert backend.graphs[3] is recorded
+
+
+@pytest.mark.skipif(NO_KERNELS, reason="no SIMD kernels for this CPU (no AVX2/AVX-512)")
+def test_cpu_step_runs_dynamic_ntk_past_the_trained_length_itself(files, monkeypatch):
+    """Each sequence's angles (they depend on its length) go into the C++ step as rows of their
+    own: no step falls back to the reference forward."""
+    backend, _ = _load(files["dynamic-ntk", "float32"], "dynamic-ntk", "cpu-step")
+    monkeypatch.setattr(Backend, "_step", lambda *a: pytest.fail("a step fell back to the reference forward"))
+    run = scenario(backend)
+    assert max(len(t) for t in run.tokens) > 2 * backend.model.cfg.max_position_embeddings

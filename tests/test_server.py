@@ -74,8 +74,10 @@ def _chat(client, question=QUESTION, **kw):
     return client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}], **kw)
 
 
-def test_models(client):
-    assert [m.id for m in client.models.list().data] == ["smollm2"]
+def test_models(client, flm_model):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2"]
+    assert models[0].max_model_len == flm_model.backend.window == 8192  # SmolLM2's trained window
 
 
 def test_chat_completion(client):

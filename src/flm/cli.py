@@ -43,7 +43,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import bandwidth_gbs, device_label, measure_flm, report
 
-    result = measure_flm(args.file, args.prompt, args.gen, args.device)
+    result = measure_flm(args.file, args.prompt, args.gen, args.device, args.ctx)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
     print(f"{args.file}: {device_label(args.device)}, {torch.get_num_threads()} threads, prompt {args.prompt} tokens, "
@@ -154,7 +154,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not report.verdict.startswith("MISMATCH") else 1
 
 
-def _load_model(path: str | None, device: str = "cpu"):
+def _load_model(path: str | None, device: str = "cpu", window: int | None = None):
     from . import llm
 
     if path is None:
@@ -162,7 +162,7 @@ def _load_model(path: str | None, device: str = "cpu"):
 
         path = str(smollm2_flm("float32"))
         print(f"flm: using the built-in SmolLM2-135M-Instruct ({path})", file=sys.stderr)
-    return llm.model(path, device=device), path
+    return llm.model(path, device=device, max_context_length=window), path
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -176,24 +176,33 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed the sampler: the same seed gives the same answers")
 
 
-def _thread_count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} threads: give 1 or more")
-    return value
+def _at_least_one(what: str):
+    """An argparse type: a whole number of `what`, 1 or more."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} {what}: give 1 or more")
+        return value
+
+    return parse
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     """Where a command runs the model: device and CPU threads."""
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("-t", "--threads", type=_thread_count,
+    p.add_argument("-t", "--threads", type=_at_least_one("threads"),
                    help="CPU threads (default: torch's, one per core; fastllm's -t)")
+    p.add_argument("--ctx", type=_at_least_one("tokens"), metavar="TOKENS",
+                   help="context window: prompt and answer together at most (default: what the model's RoPE "
+                        "serves, its trained window, or more where a RoPE scaling extends it); the KV cache "
+                        "grows on demand up to it")
 
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
-    model, _ = _load_model(args.file, args.device)
+    model, _ = _load_model(args.file, args.device, args.ctx)
     if args.template:
         from .templates import preset
 
@@ -209,7 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server.app import ServerConfig, create_app
 
-    model, path = _load_model(args.file, args.device)
+    model, path = _load_model(args.file, args.device, args.ctx)
     name = args.model_name or Path(path).stem
     app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
                      max_batch=args.max_batch, max_queue=args.max_queue, background_scheduler=False)

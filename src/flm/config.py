@@ -78,6 +78,19 @@ class ModelConfig:
         if self.rope_scaling.kind not in ("default", "linear", "dynamic", "llama3", "yarn"):
             raise ConfigError(f"rope scaling type {self.rope_scaling.kind!r} is not supported")
 
+    @property
+    def context_window(self) -> int:
+        """The longest context the model's RoPE serves, the default context window: dynamic NTK
+        extends the trained window (max_position_embeddings) by its factor; llama3 and YaRN scale
+        their original window by theirs (configs often name the result as max_position_embeddings
+        already); linear scaling's checkpoints name the scaled window, as do unscaled ones."""
+        s = self.rope_scaling
+        if s.kind == "dynamic":
+            return int(self.max_position_embeddings * s.factor)
+        if s.kind in ("llama3", "yarn") and s.original_max_position_embeddings:
+            return max(self.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+        return self.max_position_embeddings
+
     # ------------------------------------------------------------ .flm key/value table
 
     def to_json(self) -> str:

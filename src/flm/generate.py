@@ -78,7 +78,7 @@ class Sequence:
                  context_limit: int | None = None):
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to condition on")
-        limit = context_limit or backend.model.cfg.max_position_embeddings
+        limit = min(context_limit or backend.window, backend.window)
         if len(prompt_ids) >= limit:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_ids)} tokens but the context window is {limit}; shorten it or the history")

@@ -88,14 +88,16 @@ class model:  # noqa: N801 - fastllm's class name
     """A loaded .flm model."""
 
     def __init__(self, path: str | os.PathLike, id: int = -1, lora: str | None = None,  # noqa: A002
-                 reference: bool = False, device: str | None = None):
+                 reference: bool = False, device: str | None = None, max_context_length: int | None = None):
+        """`max_context_length`: the context window in tokens (prompt and answer together; default:
+        what the model's RoPE serves, its trained window or more where a scaling extends it)."""
         if lora is not None:
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
         device = _checked_device(device)
         self._flm = read_flm(path)
         self.config = _config_adopting_names(self._flm)
         self.model = load_transformer(self._flm, self.config, reference=reference, device=device)
-        self.backend = choose_backend(self.model)
+        self.backend = choose_backend(self.model, max_context_length)
         kv = self._flm.kv
         self.model_type = self.config.model_type
         self.direct_query = False
@@ -224,6 +226,16 @@ class model:  # noqa: N801 - fastllm's class name
             response = tokenizer.decode(tokens)
             new_history = history + [(query, response)]
             yield (response, new_history, None) if return_past_key_values else (response, new_history)
+
+    def set_max_context_length(self, length: int) -> None:
+        """The context window from now on (fastllm's name); sequences already running keep theirs."""
+        if length < 1:
+            raise ValueError(f"the context window must be at least 1 token, got {length}")
+        self.backend.window = int(length)
+
+    def get_max_input_len(self) -> int:
+        """The longest prompt that leaves room for one new token (fastllm's name)."""
+        return self.backend.window - 1
 
     # ------------------------------------------------------------ misc
     def save(self, path: str | os.PathLike) -> None:

@@ -25,13 +25,17 @@ class BackendUnavailable(Exception):
 class Backend:
     name = "torch"
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, window: int | None = None):
+        """window: the context window, the most tokens a sequence may hold (default: what the
+        model's RoPE serves, ModelConfig.context_window)."""
+        if window is not None and window < 1:
+            raise ValueError(f"the context window must be at least 1 token, got {window}")
         self.model = model
+        self.window = window or model.cfg.context_window
 
     def new_cache(self, max_len: int | None = None, initial: int | None = None) -> KVCache:
-        """An empty cache for one sequence of up to max_len tokens (default: the trained window)."""
-        cfg = self.model.cfg
-        return KVCache(cfg, max_len or cfg.max_position_embeddings, self.model.device, initial)
+        """An empty cache for one sequence of up to max_len tokens, never past the window."""
+        return KVCache(self.model.cfg, min(max_len or self.window, self.window), self.model.device, initial)
 
     def prefill(self, tokens: Sequence[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits after each of `tokens` [len, vocab] (all_logits) or after the last [vocab], the

@@ -5,8 +5,7 @@ long as reading a small model's weights (bench/HISTORY.md, "Decode step in C++")
 the reference forward, whose linears are the same SIMD kernels and take ~90% of its time.
 
 Available when every linear layer, the output layer included, is on the SIMD kernels;
-otherwise the model runs on the torch backend. Steps whose rotary angles depend on each
-sequence's length (dynamic NTK past the trained length) run the reference forward.
+otherwise the model runs on the torch backend.
 """
 
 from __future__ import annotations
@@ -23,19 +22,20 @@ from .base import Backend, BackendUnavailable
 class CpuStepBackend(Backend):
     name = "cpu-step"
 
-    def __init__(self, model: Transformer):
-        super().__init__(model)
+    def __init__(self, model: Transformer, window: int | None = None):
+        super().__init__(model, window)
         self.decoder = _build_decoder(model)
-        self.window = model.cfg.sliding_window or 0
+        self.sliding = model.cfg.sliding_window or 0  # 0: every position
 
     def _step(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
         positions = [cache.length for cache in caches]
-        tables = self.model.rotary.tables(max(positions) + 1, self.model.device)
-        if tables is None:  # dynamic NTK past the trained length: angles per sequence length
-            return super()._step(tokens, caches)
+        rows, tables = positions, self.model.rotary.tables(max(positions) + 1, self.model.device)
+        if tables is None:  # dynamic NTK past the trained length: each sequence's own angles
+            angles = [self.model.rotary.cos_sin(torch.tensor([[p]])) for p in positions]
+            rows, tables = list(range(len(positions))), tuple(torch.cat([a[i][0] for a in angles]) for i in (0, 1))
         keys = [k for cache in caches for k in cache.keys]  # sequence-major, as the step takes them
         values = [v for cache in caches for v in cache.values]
-        return self.decoder.token_logits(tokens, keys, values, positions, *tables, self.window)
+        return self.decoder.token_logits(tokens, keys, values, positions, rows, *tables, self.sliding)
 
 
 def _kernel_weights(module, linear: Linear):

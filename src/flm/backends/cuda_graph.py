@@ -32,8 +32,8 @@ from .base import Backend, BackendUnavailable
 class CudaGraphBackend(Backend):
     name = "cuda-graph"
 
-    def __init__(self, model: Transformer, record: bool = True):
-        super().__init__(model)
+    def __init__(self, model: Transformer, window: int | None = None, record: bool = True):
+        super().__init__(model, window)
         if not triton_linear.available():
             raise BackendUnavailable("Triton is not installed (or FLM_KERNELS=reference turned its kernels off)")
         device = model.device

@@ -264,7 +264,8 @@ def create_app(model: Any, config: ServerConfig, max_batch: int = 8, max_queue: 
     async def models(request: Request) -> Response:
         check_key(request)
         return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "flm"}]})
+            {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "flm",
+             "max_model_len": model.backend.window}]})
 
     async def complete(request: Request, chat: bool) -> Response:
         body = await read_json(request)

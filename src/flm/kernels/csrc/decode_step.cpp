@@ -216,18 +216,22 @@ class Decoder {
     }
 
     // One token per sequence from its id to logits [B, vocab]: the embedding row, cos/sin rows
-    // [position] of the rotary tables [rows, head_dim], every layer, the final norm and output
+    // rotary_rows[b] of the rotary tables [rows, head_dim], every layer, the final norm and output
     // layer, all in this call: each torch op between two steps ran with caches the step had just
     // flushed, several times slower than warm (bench/HISTORY.md, "Decode step in C++").
     // keys/values: B * layers tensors (sequence-major), each [kv_heads, capacity, head_dim]
     // float32; token b is written at positions[b] and attends to keys
-    // max(0, positions[b] - window + 1) ..= positions[b] (window 0: all).
+    // max(0, positions[b] - window + 1) ..= positions[b] (window 0: all). rotary_rows is
+    // positions where one table holds every position's angles; rows of per-sequence angles
+    // otherwise (dynamic NTK past the trained length: each sequence's depend on its length).
     torch::Tensor token_logits(const std::vector<int64_t> &tokens, const std::vector<torch::Tensor> &keys,
                                const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions,
-                               torch::Tensor cos_table, torch::Tensor sin_table, int64_t window) {
+                               const std::vector<int64_t> &rotary_rows, torch::Tensor cos_table,
+                               torch::Tensor sin_table, int64_t window) {
         TORCH_CHECK(embed_.defined() && head_.n > 0, "the embedding table and the output layer must be set");
         const int64_t B = tokens.size();
-        TORCH_CHECK((int64_t)positions.size() == B, "one position per token");
+        TORCH_CHECK((int64_t)positions.size() == B && (int64_t)rotary_rows.size() == B,
+                    "one position and one rotary row per token");
         for (const auto *t : {&cos_table, &sin_table})
             TORCH_CHECK(t->dim() == 2 && t->size(1) == dim_ && t->scalar_type() == torch::kFloat && t->is_contiguous(),
                         "rotary tables must be float32 [rows, head_dim]");
@@ -237,10 +241,10 @@ class Decoder {
         sin_.resize(B * dim_);
         for (int64_t b = 0; b < B; ++b) {
             TORCH_CHECK(tokens[b] >= 0 && tokens[b] < embed_.size(0), "token id ", tokens[b], " outside the vocabulary");
-            TORCH_CHECK(positions[b] >= 0 && positions[b] < cos_table.size(0), "position beyond the rotary tables");
+            TORCH_CHECK(rotary_rows[b] >= 0 && rotary_rows[b] < cos_table.size(0), "row beyond the rotary tables");
             embedding_row(tokens[b], x_.data() + b * hidden_);
-            std::memcpy(cos_.data() + b * dim_, cos_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
-            std::memcpy(sin_.data() + b * dim_, sin_table.data_ptr<float>() + positions[b] * dim_, dim_ * 4);
+            std::memcpy(cos_.data() + b * dim_, cos_table.data_ptr<float>() + rotary_rows[b] * dim_, dim_ * 4);
+            std::memcpy(sin_.data() + b * dim_, sin_table.data_ptr<float>() + rotary_rows[b] * dim_, dim_ * 4);
         }
         run_layers(B, keys, values, positions, window);
         for (int64_t b = 0; b < B; ++b)

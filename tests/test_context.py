@@ -1,0 +1,73 @@
+"""The context window: its default from the model's RoPE scaling, the length a user sets, and
+prompts past the trained length (dynamic NTK recomputed as the sequence grows, as transformers
+does)."""
+
+import pytest
+import torch
+
+from helpers import edit_config, save_checkpoint, tiny_llama
+from flm import llm
+from flm.config import ModelConfig, RopeScaling
+from flm.convert import ConvertOptions, convert
+from flm.errors import ContextOverflowError
+from flm.generate import SamplingConfig
+
+
+def _config(max_pos: int, **scaling) -> ModelConfig:
+    return ModelConfig("llama", 64, 128, 2, 4, 2, 100, max_position_embeddings=max_pos,
+                       rope_scaling=RopeScaling(**scaling))
+
+
+@pytest.mark.parametrize("cfg,window", [
+    (_config(4096), 4096),
+    (_config(48, kind="dynamic", factor=2.0), 96),  # the trained window, extended by its factor
+    (_config(16384, kind="linear", factor=8.0), 16384),  # linear checkpoints name the scaled window
+    (_config(131072, kind="llama3", factor=8.0, original_max_position_embeddings=8192), 131072),  # Llama 3.1
+    (_config(32768, kind="yarn", factor=4.0, original_max_position_embeddings=32768), 131072),  # Qwen2.5 + YaRN
+])
+def test_default_window_follows_the_rope_scaling(cfg, window):
+    assert cfg.context_window == window
+
+
+@pytest.fixture(scope="module")
+def xverse_256k_style(tmp_path_factory):
+    """A tiny LLaMA in the cookbook's XVERSE-13B-256K spelling: flat rope keys, dynamic NTK
+    factor 2 over a trained window of 48."""
+    out = tmp_path_factory.mktemp("xverse")
+    reference = tiny_llama(seed=7, max_position_embeddings=48,
+                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500000.0})
+    src = save_checkpoint(reference, out / "hf")
+    edit_config(src, rope_parameters=None, rope_scaling=None, rope_theta=500000,
+                **{"rope_scaling.type": "dynamic", "rope_scaling.factor": 2.0})
+    convert(src, out / "m.flm", ConvertOptions(dtype="float32", template="base", progress=False))
+    return reference, out / "m.flm"
+
+
+def test_prompts_past_the_trained_length_follow_transformers(xverse_256k_style):
+    """An 80-token prompt (the trained window is 48) and 12 greedy tokens: transformers' tokens,
+    on every backend the model takes here (its decode steps past 48 run the reference forward)."""
+    reference, path = xverse_256k_style
+    m = llm.model(path)
+    assert m.backend.window == 96
+    prompt = [1] + [(53 * i) % 31000 + 3 for i in range(79)]
+    ours = list(m.generate_ids(prompt, SamplingConfig(max_length=12, top_k=1)))
+    with torch.no_grad():
+        theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                    eos_token_id=reference.config.eos_token_id, pad_token_id=0)[0, 80:].tolist()
+    assert len(ours) == 12 and ours == theirs
+
+
+def test_a_window_the_user_sets_bounds_every_sequence(xverse_256k_style):
+    _, path = xverse_256k_style
+    m = llm.model(path, max_context_length=40)
+    assert m.backend.window == 40 and m.get_max_input_len() == 39
+    with pytest.raises(ContextOverflowError, match="the prompt has 45 tokens but the context window is 40"):
+        list(m.generate_ids(list(range(3, 48)), SamplingConfig(max_length=4, top_k=1)))
+    # an answer stops at the window: 30 prompt tokens leave room for 10
+    assert len(list(m.generate_ids(list(range(3, 33)), SamplingConfig(max_length=64, top_k=1)))) <= 10
+    cache = m.backend.new_cache(1000)  # never past the window
+    assert cache.max_len == 40
+    m.set_max_context_length(64)
+    assert m.backend.window == 64 and m.backend.new_cache().max_len == 64
+    with pytest.raises(ValueError, match="at least 1 token"):
+        llm.model(path, max_context_length=0)
