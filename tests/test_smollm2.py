@@ -83,6 +83,14 @@ def test_greedy_64_tokens_identical(flm_files, hf_model, hf_tokenizer):
     assert ours == _hf_greedy(hf_model, ids, 64)
 
 
+def test_float16_kv_cache_keeps_64_greedy_tokens(flm_files, hf_model, hf_tokenizer):
+    """A float16 KV cache (half float32's memory) keeps SmolLM2's greedy answer token for token."""
+    ids = hf_tokenizer(english_text(), add_special_tokens=False)["input_ids"][:32]
+    m = llm.model(flm_files["float32"], kv_cache_dtype="float16")
+    m.eos_ids = set()
+    assert list(m.generate_ids(ids, llm.SamplingConfig(max_length=64))) == _hf_greedy(hf_model, ids, 64)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_first_32_greedy(flm_files, hf_model, hf_tokenizer, dtype):
     ids = hf_tokenizer(english_text(), add_special_tokens=False)["input_ids"][:32]

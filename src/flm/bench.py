@@ -108,7 +108,8 @@ def decode_step_bytes(records) -> int:
     return sum(r.data_nbytes for r in records if tied or r.name != "model.embed_tokens.weight")
 
 
-def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu", window: int | None = None) -> SpeedResult:
+def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu", window: int | None = None,
+                kv: str | None = None) -> SpeedResult:
     """Load `path`, prefill `prompt` tokens in one pass (time to first token), decode `gen` tokens
     greedily, then prefill the prompt again: prefill tokens/s is that second, steady-state pass.
     Each greedy token is read back to the host, so decode timings include the GPU's work."""
@@ -117,7 +118,7 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
 
     baseline = rss_gb()
     start = time.perf_counter()
-    model = llm.model(path, device=device, max_context_length=window)
+    model = llm.model(path, device=device, max_context_length=window, **({"kv_cache_dtype": kv} if kv else {}))
     load_s = time.perf_counter() - start
     load_peak = peak_rss_gb()
     backend = model.backend

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import FlmError
+from .config import DEFAULT_KV_CACHE_DTYPE, KV_CACHE_DTYPES
 from .settings import help_text
 
 DEVICE_HELP = "cpu (default) or cuda (cuda:N for another GPU), where torch sees one"
@@ -43,7 +44,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import bandwidth_gbs, device_label, measure_flm, report
 
-    result = measure_flm(args.file, args.prompt, args.gen, args.device, args.ctx)
+    result = measure_flm(args.file, args.prompt, args.gen, args.device, args.ctx, args.kv_dtype)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
     print(f"{args.file}: {device_label(args.device)}, {torch.get_num_threads()} threads, prompt {args.prompt} tokens, "
@@ -154,7 +155,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not report.verdict.startswith("MISMATCH") else 1
 
 
-def _load_model(path: str | None, device: str = "cpu", window: int | None = None):
+def _load_model(path: str | None, device: str = "cpu", window: int | None = None, kv: str = DEFAULT_KV_CACHE_DTYPE):
     from . import llm
 
     if path is None:
@@ -162,7 +163,7 @@ def _load_model(path: str | None, device: str = "cpu", window: int | None = None
 
         path = str(smollm2_flm("float32"))
         print(f"flm: using the built-in SmolLM2-135M-Instruct ({path})", file=sys.stderr)
-    return llm.model(path, device=device, max_context_length=window), path
+    return llm.model(path, device=device, max_context_length=window, kv_cache_dtype=kv), path
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -197,12 +198,15 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="context window: prompt and answer together at most (default: what the model's RoPE "
                         "serves, its trained window, or more where a RoPE scaling extends it); the KV cache "
                         "grows on demand up to it")
+    p.add_argument("--kv-dtype", choices=KV_CACHE_DTYPES, default=DEFAULT_KV_CACHE_DTYPE,
+                   help=f"what the KV cache stores (default {DEFAULT_KV_CACHE_DTYPE}: half float32's memory; int8 "
+                        "keeps a scale per head row)")
 
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
-    model, _ = _load_model(args.file, args.device, args.ctx)
+    model, _ = _load_model(args.file, args.device, args.ctx, args.kv_dtype)
     if args.template:
         from .templates import preset
 
@@ -218,7 +222,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server.app import ServerConfig, create_app
 
-    model, path = _load_model(args.file, args.device, args.ctx)
+    model, path = _load_model(args.file, args.device, args.ctx, args.kv_dtype)
     name = args.model_name or Path(path).stem
     app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
                      max_batch=args.max_batch, max_queue=args.max_queue, background_scheduler=False)

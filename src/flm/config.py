@@ -15,6 +15,13 @@ from typing import Any
 from .errors import ConfigError
 
 
+# What a KV cache may store (kv_cache.py). float32 by default: a float16 cache keeps SmolLM2's
+# greedy answers but moves logits past the 1e-4-of-range bound every family test holds flm to
+# against transformers (docs/performance.md, "KV cache")
+KV_CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+DEFAULT_KV_CACHE_DTYPE = "float32"
+
+
 @dataclass
 class RopeScaling:
     """RoPE scaling as transformers defines it; `kind` is default/linear/dynamic/llama3/yarn."""

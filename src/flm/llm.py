@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .backends import choose_backend
-from .config import ModelConfig, parse_scalar
+from .config import DEFAULT_KV_CACHE_DTYPE, ModelConfig, parse_scalar
 from .errors import FlmError, FlmFormatError, TemplateError
 from .families import find_family
 from .format import keys
@@ -23,6 +23,7 @@ from .format.flm import FlmFile, read_flm, rewrite_flm
 from .format.keys import (CHAT_TEMPLATE_KEY, LEGACY_CHAT_TEMPLATE_KEY, NORMALIZED_KEY, TEMPLATE_SOURCE_KEY,
                           TOKENIZER_CONFIG_KEY, TOKENIZER_JSON_KEY)
 from .generate import SamplingConfig, generate  # noqa: F401 - SamplingConfig is public API
+from .kv_cache import kv_dtype
 from .loader import load_transformer
 from .templates import PRESETS, Template, render_chat_template, template_from_kv
 from .tokenization.from_vocab import tokenizer_from_vocab
@@ -88,16 +89,19 @@ class model:  # noqa: N801 - fastllm's class name
     """A loaded .flm model."""
 
     def __init__(self, path: str | os.PathLike, id: int = -1, lora: str | None = None,  # noqa: A002
-                 reference: bool = False, device: str | None = None, max_context_length: int | None = None):
+                 reference: bool = False, device: str | None = None, max_context_length: int | None = None,
+                 kv_cache_dtype: str = DEFAULT_KV_CACHE_DTYPE):
         """`max_context_length`: the context window in tokens (prompt and answer together; default:
-        what the model's RoPE serves, its trained window or more where a scaling extends it)."""
+        what the model's RoPE serves, its trained window or more where a scaling extends it).
+        `kv_cache_dtype`: what the KV cache stores, float32, float16 (the default: half the
+        memory, SmolLM2's greedy answers unchanged), bfloat16 or int8 (a scale per head row)."""
         if lora is not None:
             raise NotImplementedError("LoRA adapters in .flm files are not supported by flm yet")
         device = _checked_device(device)
         self._flm = read_flm(path)
         self.config = _config_adopting_names(self._flm)
         self.model = load_transformer(self._flm, self.config, reference=reference, device=device)
-        self.backend = choose_backend(self.model, max_context_length)
+        self.backend = choose_backend(self.model, max_context_length, kv_dtype(kv_cache_dtype))
         kv = self._flm.kv
         self.model_type = self.config.model_type
         self.direct_query = False
@@ -232,6 +236,10 @@ class model:  # noqa: N801 - fastllm's class name
         if length < 1:
             raise ValueError(f"the context window must be at least 1 token, got {length}")
         self.backend.window = int(length)
+
+    def set_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
+        """What KV caches made from now on store (fastllm's name); running sequences keep theirs."""
+        self.backend.kv_dtype = kv_dtype(kv_cache_dtype)
 
     def get_max_input_len(self) -> int:
         """The longest prompt that leaves room for one new token (fastllm's name)."""

@@ -104,7 +104,7 @@ class Transformer:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             out = []
             for b, cache in enumerate(caches):
-                keys, values = cache.store(i, k[b], v[b])
+                keys, values = cache.store(i, k[b], v[b])  # as stored: rounded to the cache's dtype
                 out.append(attend(q[b:b + 1], keys[None], values[None], cache.length, cfg.sliding_window))
             return torch.cat(out).transpose(1, 2).reshape(batch, seq, -1)
 

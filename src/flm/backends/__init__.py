@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..errors import FlmError
 from ..model import Transformer
 from ..settings import setting
@@ -29,23 +31,23 @@ FAST = {"cpu": CpuStepBackend, "cuda": CudaGraphBackend}  # the backend each dev
 BACKENDS = {cls.name: cls for cls in (Backend, CpuStepBackend, CudaGraphBackend)}
 
 
-def choose_backend(model: Transformer, window: int | None = None) -> Backend:
+def choose_backend(model: Transformer, window: int | None = None, kv_dtype: torch.dtype = torch.float32) -> Backend:
     """The backend FLM_BACKEND names, else the device's fast one where it can run, else torch;
-    `window` as Backend takes it."""
+    `window` and `kv_dtype` as Backend takes them."""
     wanted = setting("FLM_BACKEND")
     if wanted == Backend.name:
-        return Backend(model, window)
+        return Backend(model, window, kv_dtype)
     fast = FAST.get(model.device.type)
     if wanted != "auto" and BACKENDS[wanted] is not fast:
         raise FlmError(f"FLM_BACKEND={wanted} does not run on {model.device.type}; unset it or use "
                        f"{'torch' if fast is None else f'torch or {fast.name}'}")
     try:
-        return fast(model, window) if fast is not None else Backend(model, window)
+        return fast(model, window, kv_dtype) if fast is not None else Backend(model, window, kv_dtype)
     except BackendUnavailable as exc:
         if wanted != "auto":
             raise FlmError(f"FLM_BACKEND={wanted}: {exc}") from None
         log.info("decode steps run on the torch backend: %s", exc)
-        return Backend(model, window)
+        return Backend(model, window, kv_dtype)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "CpuStepBackend", "CudaGraphBackend", "choose_backend"]

@@ -25,17 +25,20 @@ class BackendUnavailable(Exception):
 class Backend:
     name = "torch"
 
-    def __init__(self, model: Transformer, window: int | None = None):
+    def __init__(self, model: Transformer, window: int | None = None, kv_dtype: torch.dtype = torch.float32):
         """window: the context window, the most tokens a sequence may hold (default: what the
-        model's RoPE serves, ModelConfig.context_window)."""
+        model's RoPE serves, ModelConfig.context_window); kv_dtype: what the KV caches store
+        (one of kv_cache.KV_DTYPES)."""
         if window is not None and window < 1:
             raise ValueError(f"the context window must be at least 1 token, got {window}")
         self.model = model
         self.window = window or model.cfg.context_window
+        self.kv_dtype = kv_dtype
 
     def new_cache(self, max_len: int | None = None, initial: int | None = None) -> KVCache:
         """An empty cache for one sequence of up to max_len tokens, never past the window."""
-        return KVCache(self.model.cfg, min(max_len or self.window, self.window), self.model.device, initial)
+        return KVCache(self.model.cfg, min(max_len or self.window, self.window), self.model.device, initial,
+                       self.kv_dtype)
 
     def prefill(self, tokens: Sequence[int], cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits after each of `tokens` [len, vocab] (all_logits) or after the last [vocab], the

@@ -22,8 +22,8 @@ from .base import Backend, BackendUnavailable
 class CpuStepBackend(Backend):
     name = "cpu-step"
 
-    def __init__(self, model: Transformer, window: int | None = None):
-        super().__init__(model, window)
+    def __init__(self, model: Transformer, window: int | None = None, kv_dtype: torch.dtype = torch.float32):
+        super().__init__(model, window, kv_dtype)
         self.decoder = _build_decoder(model)
         self.sliding = model.cfg.sliding_window or 0  # 0: every position
 
@@ -33,9 +33,10 @@ class CpuStepBackend(Backend):
         if tables is None:  # dynamic NTK past the trained length: each sequence's own angles
             angles = [self.model.rotary.cos_sin(torch.tensor([[p]])) for p in positions]
             rows, tables = list(range(len(positions))), tuple(torch.cat([a[i][0] for a in angles]) for i in (0, 1))
-        keys = [k for cache in caches for k in cache.keys]  # sequence-major, as the step takes them
-        values = [v for cache in caches for v in cache.values]
-        return self.decoder.token_logits(tokens, keys, values, positions, rows, *tables, self.sliding)
+        # per sequence, per layer (sequence-major), as the step takes them
+        stores = [[t for cache in caches for t in getattr(cache, name)]
+                  for name in ("keys", "values", "key_scales", "value_scales")]
+        return self.decoder.token_logits(tokens, *stores, positions, rows, *tables, self.sliding)
 
 
 def _kernel_weights(module, linear: Linear):

@@ -32,8 +32,9 @@ from .base import Backend, BackendUnavailable
 class CudaGraphBackend(Backend):
     name = "cuda-graph"
 
-    def __init__(self, model: Transformer, window: int | None = None, record: bool = True):
-        super().__init__(model, window)
+    def __init__(self, model: Transformer, window: int | None = None, kv_dtype: torch.dtype = torch.float32,
+                 record: bool = True):
+        super().__init__(model, window, kv_dtype)
         if not triton_linear.available():
             raise BackendUnavailable("Triton is not installed (or FLM_KERNELS=reference turned its kernels off)")
         device = model.device
@@ -77,7 +78,7 @@ class GraphedBatch:
         self.device, self.tables, self.record = device, tables, record
         self.inputs = torch.zeros((2, len(caches)), dtype=torch.long, device=device)  # tokens, positions
         tokens, positions = self.inputs[0].view(-1, 1), self.inputs[1]
-        self.addresses = addresses = triton_decode.CacheAddresses([c.keys for c in caches], [c.values for c in caches])
+        self.addresses = addresses = triton_decode.CacheAddresses(caches)
 
         def step() -> torch.Tensor:  # locals, not self: see _record
             return fixed_shape_step(model, tokens, positions, tables, addresses)
@@ -89,7 +90,7 @@ class GraphedBatch:
     def __call__(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Logits [batch, vocab]; each token's key and value land in its sequence's cache."""
         self.inputs.copy_(torch.tensor([tokens, [c.length for c in caches]], dtype=torch.long))
-        self.addresses.point_to([c.keys for c in caches], [c.values for c in caches])
+        self.addresses.point_to(caches)
         with torch.inference_mode():
             if not self.record:
                 logits = self._step()

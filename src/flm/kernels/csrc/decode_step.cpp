@@ -6,6 +6,7 @@
 // linear kernels and the attention open parallel regions.
 // The formulas are transformers' LlamaDecoderLayer in float32 (tests compare the two).
 #include "flm_kernels.h"
+#include "kv_rows.h"
 #include "simd.h"
 
 #include <ATen/Parallel.h>
@@ -77,36 +78,43 @@ inline void rope(float *x, const float *cos, const float *sin, int64_t dim) {
 constexpr int64_t KEY_BLOCK = 32;  // cache rows: 32 x 128 float32 (16 KB) at most for head_dim 128
 
 // out[g * n + j] = q_g . k_j for `heads` query rows q_g (dim apart) and n key rows k_j (dim
-// apart): 8 keys at a time per head, each key's products in the 8 lanes of its own accumulator,
-// lane_sums adding the 8 keys' lanes together.
-inline void key_dots(const float *q, int64_t heads, const float *k, int64_t dim, int64_t n, float *out) {
-    const int64_t body = dim / 8 * 8;
+// apart, stored as KV; INT8 rows times their scales kscale[j]): 8 keys at a time per head, each
+// key's products in the 8 lanes of its own accumulator, lane_sums adding the 8 keys' lanes.
+template <int KV>
+inline void key_dots(const float *q, int64_t heads, const uint8_t *k, const float *kscale, int64_t dim, int64_t n,
+                     float *out) {
+    const int64_t body = dim / 8 * 8, row = dim * kv_bytes(KV);
     for (int64_t j0 = 0; j0 < n; j0 += KEY_BLOCK)
         for (int64_t g = 0; g < heads; ++g)
             for (int64_t j = j0; j < std::min(n, j0 + KEY_BLOCK); j += 8)
                 with_row_count<8>(std::min<int64_t>(8, n - j), [&](auto keys) {
                     constexpr int C = decltype(keys)::value;
-                    const float *qg = q + g * dim, *kj = k + j * dim;
+                    const float *qg = q + g * dim;
+                    const uint8_t *kj = k + j * row;
                     __m256 acc[C];
                     for (auto &a : acc) a = _mm256_setzero_ps();
                     for (int64_t d = 0; d < body; d += 8) {
                         const __m256 qv = _mm256_loadu_ps(qg + d);
-                        for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + i * dim + d), acc[i]);
+                        for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(qv, load8_kv<KV>(kj + i * row, d), acc[i]);
                     }
                     alignas(32) float sums[8];
                     _mm256_store_ps(sums, lane_sums<C>(acc));
                     for (int i = 0; i < C; ++i) {
-                        for (int64_t d = body; d < dim; ++d) sums[i] += qg[d] * kj[i * dim + d];
-                        out[g * n + j + i] = sums[i];
+                        for (int64_t d = body; d < dim; ++d) sums[i] += qg[d] * kv_at<KV>(kj + i * row, d);
+                        out[g * n + j + i] = KV == INT8 ? sums[i] * kscale[j + i] : sums[i];
                     }
                 });
 }
 
 // out_g[0, dim) = sum_j p[g * n + j] v_j for `heads` outputs (dim apart) over n value rows (dim
-// apart): per block of rows, each head's sums for four vectors of columns in registers, added in
-// the order of one multiply-add per row (as an axpy per row would).
-inline void weighted_sums(const float *p, int64_t heads, const float *v, int64_t n, int64_t dim, float *out) {
-    const int64_t body = dim / W * W;
+// apart, stored as KV; INT8 rows' scales vscale[j] folded into p): per block of rows, each
+// head's sums for four vectors of columns in registers, added in the order of one multiply-add
+// per row (as an axpy per row would).
+template <int KV>
+inline void weighted_sums(const float *p, int64_t heads, const uint8_t *v, const float *vscale, int64_t n,
+                          int64_t dim, float *out) {
+    const int64_t body = dim / W * W, row = dim * kv_bytes(KV);
+    auto weight = [&](int64_t g, int64_t j) { return KV == INT8 ? p[g * n + j] * vscale[j] : p[g * n + j]; };
     for (int64_t j0 = 0; j0 < n; j0 += KEY_BLOCK) {
         const int64_t j1 = std::min(n, j0 + KEY_BLOCK);
         for (int64_t g = 0; g < heads; ++g)
@@ -117,8 +125,8 @@ inline void weighted_sums(const float *p, int64_t heads, const float *v, int64_t
                     vec acc[C];
                     for (int c = 0; c < C; ++c) acc[c] = j0 == 0 ? vzero() : vload(o + c * W);
                     for (int64_t j = j0; j < j1; ++j) {
-                        const vec pj = vset(p[g * n + j]);
-                        for (int c = 0; c < C; ++c) acc[c] = vfma(pj, vload(v + j * dim + d0 + c * W), acc[c]);
+                        const vec pj = vset(weight(g, j));
+                        for (int c = 0; c < C; ++c) acc[c] = vfma(pj, load_kv<KV>(v + j * row, d0 + c * W), acc[c]);
                     }
                     for (int c = 0; c < C; ++c) vstore(o + c * W, acc[c]);
                 });
@@ -126,7 +134,7 @@ inline void weighted_sums(const float *p, int64_t heads, const float *v, int64_t
     for (int64_t g = 0; g < heads; ++g)
         for (int64_t d = body; d < dim; ++d) {
             float sum = 0.f;
-            for (int64_t j = 0; j < n; ++j) sum += p[g * n + j] * v[j * dim + d];
+            for (int64_t j = 0; j < n; ++j) sum += weight(g, j) * kv_at<KV>(v + j * row, d);
             out[g * dim + d] = sum;
         }
 }
@@ -175,6 +183,57 @@ inline void softmax(float *s, int64_t n, float scale) {
     for_vectors(n, NONE, [&](int64_t j, const auto &in, const auto &out) { out(s + j, vdiv(in(s + j), sum)); });
 }
 
+// f(std::integral_constant<int, kind>) for a KV cache's storage kind.
+template <typename F>
+inline void with_kv_kind(Kind kind, F &&f) {
+    switch (kind) {
+    case FP16: return f(std::integral_constant<int, FP16>{});
+    case BF16: return f(std::integral_constant<int, BF16>{});
+    case INT8: return f(std::integral_constant<int, INT8>{});
+    default: return f(std::integral_constant<int, FP32>{});
+    }
+}
+
+// The KV caches of a step's sequences: per sequence and layer (sequence-major) the keys and
+// values [kv_heads, capacity, head_dim], and for INT8 their rows' scales [kv_heads, capacity].
+struct Caches {
+    const std::vector<torch::Tensor> &keys, &values, &key_scales, &value_scales;
+
+    // The storage kind, after checking every tensor against the model's shapes and the positions.
+    Kind check(int64_t count, int64_t kv_heads, int64_t dim, const std::vector<int64_t> &positions, int64_t L) const {
+        TORCH_CHECK((int64_t)keys.size() == count && (int64_t)values.size() == count, "one cache per layer per sequence");
+        const auto type = keys[0].scalar_type();
+        const Kind kind = type == torch::kFloat ? FP32 : type == torch::kHalf ? FP16 : type == torch::kBFloat16 ? BF16
+                          : type == torch::kChar ? INT8 : FP32;
+        TORCH_CHECK(kind != FP32 || type == torch::kFloat, "KV caches must be float32, float16, bfloat16 or int8");
+        const bool scaled = kind == INT8;
+        TORCH_CHECK((int64_t)key_scales.size() == (scaled ? count : 0) && key_scales.size() == value_scales.size(),
+                    "int8 caches come with one scale tensor per layer per sequence, others with none");
+        for (int64_t c = 0; c < count; ++c) {
+            const int64_t pos = positions[c / L];
+            for (const auto *t : {&keys[c], &values[c]})
+                TORCH_CHECK(t->dim() == 3 && t->size(0) == kv_heads && t->size(2) == dim && t->size(1) > pos && pos >= 0 &&
+                                t->scalar_type() == type && t->is_contiguous(),
+                            "cache tensors must be [kv_heads, capacity > position, head_dim] of one dtype");
+            if (scaled)
+                for (const auto *t : {&key_scales[c], &value_scales[c]})
+                    TORCH_CHECK(t->dim() == 2 && t->size(0) == kv_heads && t->size(1) == keys[c].size(1) &&
+                                    t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                                "int8 cache scales must be float32 [kv_heads, capacity]");
+        }
+        return kind;
+    }
+
+    // Cache c's row at slot (kv_head * capacity + position), as bytes.
+    uint8_t *row(const std::vector<torch::Tensor> &rows, int64_t c, int64_t slot, int kind, int64_t dim) const {
+        return (uint8_t *)rows[c].data_ptr() + slot * dim * kv_bytes(kind);
+    }
+    // Its scale (INT8 caches; nullptr otherwise).
+    float *scale(const std::vector<torch::Tensor> &scales, int64_t c, int64_t slot) const {
+        return scales.empty() ? nullptr : scales[c].data_ptr<float>() + slot;
+    }
+};
+
 class Decoder {
   public:
     Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps)
@@ -219,13 +278,15 @@ class Decoder {
     // rotary_rows[b] of the rotary tables [rows, head_dim], every layer, the final norm and output
     // layer, all in this call: each torch op between two steps ran with caches the step had just
     // flushed, several times slower than warm (bench/HISTORY.md, "Decode step in C++").
-    // keys/values: B * layers tensors (sequence-major), each [kv_heads, capacity, head_dim]
-    // float32; token b is written at positions[b] and attends to keys
+    // keys/values: B * layers tensors (sequence-major), each [kv_heads, capacity, head_dim] of one
+    // dtype (float32, float16, bfloat16, or int8 with key_scales/value_scales [kv_heads,
+    // capacity] float32 beside; empty lists otherwise); token b is written at positions[b] and attends to keys
     // max(0, positions[b] - window + 1) ..= positions[b] (window 0: all). rotary_rows is
     // positions where one table holds every position's angles; rows of per-sequence angles
     // otherwise (dynamic NTK past the trained length: each sequence's depend on its length).
     torch::Tensor token_logits(const std::vector<int64_t> &tokens, const std::vector<torch::Tensor> &keys,
-                               const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions,
+                               const std::vector<torch::Tensor> &values, const std::vector<torch::Tensor> &key_scales,
+                               const std::vector<torch::Tensor> &value_scales, const std::vector<int64_t> &positions,
                                const std::vector<int64_t> &rotary_rows, torch::Tensor cos_table,
                                torch::Tensor sin_table, int64_t window) {
         TORCH_CHECK(embed_.defined() && head_.n > 0, "the embedding table and the output layer must be set");
@@ -246,7 +307,7 @@ class Decoder {
             std::memcpy(cos_.data() + b * dim_, cos_table.data_ptr<float>() + rotary_rows[b] * dim_, dim_ * 4);
             std::memcpy(sin_.data() + b * dim_, sin_table.data_ptr<float>() + rotary_rows[b] * dim_, dim_ * 4);
         }
-        run_layers(B, keys, values, positions, window);
+        run_layers(B, {keys, values, key_scales, value_scales}, positions, window);
         for (int64_t b = 0; b < B; ++b)
             rms_norm(x_.data() + b * hidden_, head_norm_.data_ptr<float>(), eps_, hidden_, normed_.data() + b * hidden_);
         auto logits = torch::empty({B, head_.n}, torch::kFloat);
@@ -261,17 +322,9 @@ class Decoder {
     }
 
     // Every layer on x_ [B, hidden] with the rotary rows cos_/sin_ [B, head_dim].
-    void run_layers(int64_t B, const std::vector<torch::Tensor> &keys, const std::vector<torch::Tensor> &values,
-                    const std::vector<int64_t> &positions, int64_t window) {
+    void run_layers(int64_t B, const Caches &caches, const std::vector<int64_t> &positions, int64_t window) {
         const int64_t L = layers_.size();
-        TORCH_CHECK((int64_t)keys.size() == B * L && (int64_t)values.size() == B * L,
-                    "one cache per layer per sequence");
-        for (int64_t c = 0; c < B * L; ++c)
-            for (const auto *t : {&keys[c], &values[c]})
-                TORCH_CHECK(t->dim() == 3 && t->size(0) == kv_heads_ && t->size(2) == dim_ &&
-                                t->size(1) > positions[c / L] && positions[c / L] >= 0 &&
-                                t->scalar_type() == torch::kFloat && t->is_contiguous(),
-                            "cache tensors must be float32 [kv_heads, capacity > position, head_dim]");
+        const Kind kv = caches.check(B * L, kv_heads_, dim_, positions, L);
         const int64_t q_size = heads_ * dim_, kv_size = kv_heads_ * dim_, qkv_n = q_size + 2 * kv_size;
         normed_.resize(B * std::max(hidden_, inter_));
         qkv_.resize(B * qkv_n);
@@ -290,12 +343,17 @@ class Decoder {
                 for (int64_t h = 0; h < heads_ + kv_heads_; ++h)  // q heads, then k heads
                     rope(row + h * dim_, cs + b * dim_, sn + b * dim_, dim_);
                 for (int64_t h = 0; h < kv_heads_; ++h) {
-                    const int64_t at = (h * keys[b * L + l].size(1) + positions[b]) * dim_;
-                    std::memcpy(keys[b * L + l].data_ptr<float>() + at, row + q_size + h * dim_, dim_ * 4);
-                    std::memcpy(values[b * L + l].data_ptr<float>() + at, row + q_size + kv_size + h * dim_, dim_ * 4);
+                    const int64_t c = b * L + l, slot = h * caches.keys[c].size(1) + positions[b];
+                    with_kv_kind(kv, [&](auto kind) {
+                        constexpr int KV = decltype(kind)::value;
+                        store_kv_row<KV>(row + q_size + h * dim_, dim_, caches.row(caches.keys, c, slot, KV, dim_),
+                                         caches.scale(caches.key_scales, c, slot));
+                        store_kv_row<KV>(row + q_size + kv_size + h * dim_, dim_,
+                                         caches.row(caches.values, c, slot, KV, dim_), caches.scale(caches.value_scales, c, slot));
+                    });
                 }
             }
-            attention(B, L, l, keys, values, positions, window, qkv_n);
+            with_kv_kind(kv, [&](auto kind) { attention<decltype(kind)::value>(B, L, l, caches, positions, window, qkv_n); });
             layer.o.apply(B, attn_.data(), delta_.data());
             for (int64_t i = 0; i < B * hidden_; ++i) xs[i] += delta_[i];
             for (int64_t b = 0; b < B; ++b)
@@ -322,9 +380,9 @@ class Decoder {
 
     // softmax(q k^T / sqrt(dim)) v for every (sequence, query head) in one parallel region: each
     // thread takes a run of (sequence, head) pairs, the heads in it that share a KV head together.
-    void attention(int64_t B, int64_t L, int64_t l, const std::vector<torch::Tensor> &keys,
-                   const std::vector<torch::Tensor> &values, const std::vector<int64_t> &positions, int64_t window,
-                   int64_t qkv_n) {
+    template <int KV>
+    void attention(int64_t B, int64_t L, int64_t l, const Caches &caches, const std::vector<int64_t> &positions,
+                   int64_t window, int64_t qkv_n) {
         const float scale = 1.f / std::sqrt((float)dim_);
         const int64_t group = heads_ / kv_heads_;
         at::parallel_for(0, B * heads_, 1, [&](int64_t begin, int64_t end) {
@@ -333,13 +391,14 @@ class Decoder {
                 const int64_t b = bh / heads_, h = bh % heads_, kvh = h / group, pos = positions[b];
                 const int64_t nh = std::min((kvh + 1) * group - h, end - bh);  // this run's heads of kvh
                 const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - first;
-                const int64_t rows = (kvh * keys[b * L + l].size(1) + first) * dim_;
+                const int64_t c = b * L + l, slot = kvh * caches.keys[c].size(1) + first;
                 scores.resize(nh * n);
-                key_dots(qkv_.data() + b * qkv_n + h * dim_, nh, keys[b * L + l].data_ptr<float>() + rows, dim_, n,
-                         scores.data());
+                key_dots<KV>(qkv_.data() + b * qkv_n + h * dim_, nh, caches.row(caches.keys, c, slot, KV, dim_),
+                             caches.scale(caches.key_scales, c, slot), dim_, n, scores.data());
                 for (int64_t g = 0; g < nh; ++g) softmax(scores.data() + g * n, n, scale);
-                weighted_sums(scores.data(), nh, values[b * L + l].data_ptr<float>() + rows, n, dim_,
-                              attn_.data() + b * heads_ * dim_ + h * dim_);
+                weighted_sums<KV>(scores.data(), nh, caches.row(caches.values, c, slot, KV, dim_),
+                                  caches.scale(caches.value_scales, c, slot), n, dim_,
+                                  attn_.data() + b * heads_ * dim_ + h * dim_);
                 bh += nh;
             }
         });

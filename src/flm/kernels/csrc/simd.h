@@ -93,6 +93,8 @@ inline vec load_q8(const uint8_t *p) {
 }
 // 16 int8 codes q as they are (0..255): one instruction fewer than load_q8, for the GEMV tiles.
 inline vec load_u8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+// 16 signed int8 values (a KV cache's codes).
+inline vec load_i8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 // 16 int4 values from 8 bytes in element order (high nibble first).
 inline vec load_u4(const uint8_t *p) {
     __m128i wide = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
@@ -149,6 +151,7 @@ inline vec load_q8(const uint8_t *p) {
 }
 // 8 int8 codes q as they are (0..255): one instruction fewer than load_q8, for the GEMV tiles.
 inline vec load_u8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+inline vec load_i8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 // 8 int4 values from 4 bytes in element order (high nibble first).
 inline vec load_u4(const uint8_t *p) {
     int32_t four;
