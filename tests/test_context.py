@@ -105,3 +105,73 @@ def test_kv_dtype_names_are_checked(tmp_path, tiny_dir):
     m = llm.model(path)
     m.set_kv_cache_dtype("int8")
     assert m.backend.new_cache(8).keys[0].dtype == torch.int8
+
+
+def _tiny_backend(tmp_path, tiny_dir):
+    path = tmp_path / "m.flm"
+    convert(tiny_dir, path, ConvertOptions(dtype="float16", template="base", progress=False))
+    return llm.model(path)
+
+
+def test_chunked_prefill_gives_the_one_pass_tokens(tmp_path, tiny_dir):
+    """A 40-token prompt in chunks of 7 (the last one 5) against one pass: the same greedy tokens
+    and, after the prompt, the same logits to rounding."""
+    from flm.generate import Sequence
+
+    m = _tiny_backend(tmp_path, tiny_dir)
+    prompt = [1] + [(53 * i) % 31000 + 3 for i in range(39)]
+    runs = {}
+    for chunk in (7, 4096):
+        m.backend.prefill_chunk = chunk
+        seq = Sequence(m.backend, prompt, SamplingConfig(max_length=16, top_k=1), set())
+        first = logits = seq.prefill()
+        assert seq.prefilled == len(prompt) and seq.cache.length == len(prompt)
+        tokens = []
+        while seq.finish_reason is None:
+            tokens.append(seq.choose(logits))
+            logits = seq.step(tokens[-1])
+        runs[chunk] = first, tokens
+    assert torch.allclose(runs[7][0], runs[4096][0], rtol=0, atol=1e-4 * float(runs[4096][0].abs().max()))
+    assert runs[7][1] == runs[4096][1] and len(runs[7][1]) == 16
+
+
+def test_a_long_prompt_joins_between_the_steps_of_running_streams(tmp_path, tiny_dir):
+    """The scheduler prefills a joining prompt a chunk at a time, each between two decode steps
+    of the running sequence: the stream's tokens keep coming while the prompt goes in."""
+    import threading
+
+    from flm.generate import Sequence
+    from flm.server.scheduler import Job, Scheduler
+
+    m = _tiny_backend(tmp_path, tiny_dir)
+    m.backend.prefill_chunk = 8
+    events, done = [], threading.Event()
+    greedy = SamplingConfig(max_length=40, top_k=1)
+
+    def emit(name):
+        def record(token, reason):
+            events.append((name, "token" if token is not None else reason))
+            if reason is not None and name == "long":
+                done.set()
+        return record
+
+    scheduler = Scheduler(m.backend, max_batch=4)
+    stream = Job(Sequence(m.backend, [1, 450, 4996], greedy, set()), emit("stream"))
+    long = Job(Sequence(m.backend, [1] + [(53 * i) % 31000 + 3 for i in range(63)], SamplingConfig(max_length=2, top_k=1),
+                        set()), emit("long"))
+    chunks = long.sequence.prefill_chunk
+    long.sequence.prefill_chunk = lambda: events.append(("long", "chunk")) or chunks()
+    scheduler.submit(stream)
+    scheduler.start()
+    try:
+        while ("stream", "token") not in events:
+            threading.Event().wait(0.01)
+        scheduler.submit(long)
+        assert done.wait(60)
+    finally:
+        scheduler.stop()
+    order = [name for name, what in events if what in ("token", "chunk")]
+    first, last = order.index("long"), len(order) - 1 - order[::-1].index("long")
+    between = order[first:last + 1]
+    assert between.count("long") == 8 + 2  # 64 prompt tokens in chunks of 8, then two answer tokens
+    assert between.count("stream") >= 7  # a stream token between every two chunks

@@ -109,7 +109,7 @@ def decode_step_bytes(records) -> int:
 
 
 def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu", window: int | None = None,
-                kv: str | None = None) -> SpeedResult:
+                kv: str | None = None, prefill_chunk: int | None = None) -> SpeedResult:
     """Load `path`, prefill `prompt` tokens in one pass (time to first token), decode `gen` tokens
     greedily, then prefill the prompt again: prefill tokens/s is that second, steady-state pass.
     Each greedy token is read back to the host, so decode timings include the GPU's work."""
@@ -119,13 +119,15 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     baseline = rss_gb()
     start = time.perf_counter()
     model = llm.model(path, device=device, max_context_length=window, **({"kv_cache_dtype": kv} if kv else {}))
+    if prefill_chunk:
+        model.set_chunked_prefill_size(prefill_chunk)
     load_s = time.perf_counter() - start
     load_peak = peak_rss_gb()
     backend = model.backend
     ids = prompt_ids(model.config.vocab_size, prompt)
     cache = backend.new_cache(prompt + gen + 1)
     start = time.perf_counter()
-    token = greedy_token(backend.prefill(ids, cache))
+    token = greedy_token(backend.prefill_chunks(ids, cache))
     ttft = time.perf_counter() - start
     first_token_rss = rss_gb()
     start = time.perf_counter()
@@ -134,7 +136,7 @@ def measure_flm(path: str, prompt: int = 128, gen: int = 64, device: str = "cpu"
     decode = time.perf_counter() - start
     synchronize(device)
     start = time.perf_counter()  # steady-state prefill: the first one also maps the weights' pages in
-    backend.prefill(ids, backend.new_cache(prompt + 1))
+    backend.prefill_chunks(ids, backend.new_cache(prompt + 1))
     synchronize(device)
     prefill = time.perf_counter() - start
     weight_bytes = decode_step_bytes(model._flm.tensors.values())

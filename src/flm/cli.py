@@ -44,7 +44,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import bandwidth_gbs, device_label, measure_flm, report
 
-    result = measure_flm(args.file, args.prompt, args.gen, args.device, args.ctx, args.kv_dtype)
+    result = measure_flm(args.file, args.prompt, args.gen, args.device, args.ctx, args.kv_dtype, args.prefill_chunk)
     # after: its 2 GB buffer would mask the peak memory
     bandwidth = None if args.no_bandwidth else bandwidth_gbs(device=args.device)
     print(f"{args.file}: {device_label(args.device)}, {torch.get_num_threads()} threads, prompt {args.prompt} tokens, "
@@ -155,15 +155,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if not report.verdict.startswith("MISMATCH") else 1
 
 
-def _load_model(path: str | None, device: str = "cpu", window: int | None = None, kv: str = DEFAULT_KV_CACHE_DTYPE):
+def _load_model(args: argparse.Namespace):
+    """The model of a chat, serve or bench command: its file (the built-in SmolLM2 without
+    one), device, context window, KV cache dtype and prefill chunk."""
     from . import llm
 
+    path = args.file
     if path is None:
         from .builtin import smollm2_flm
 
         path = str(smollm2_flm("float32"))
         print(f"flm: using the built-in SmolLM2-135M-Instruct ({path})", file=sys.stderr)
-    return llm.model(path, device=device, max_context_length=window, kv_cache_dtype=kv), path
+    model = llm.model(path, device=args.device, max_context_length=args.ctx, kv_cache_dtype=args.kv_dtype)
+    if args.prefill_chunk:
+        model.set_chunked_prefill_size(args.prefill_chunk)
+    return model, path
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -198,6 +204,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="context window: prompt and answer together at most (default: what the model's RoPE "
                         "serves, its trained window, or more where a RoPE scaling extends it); the KV cache "
                         "grows on demand up to it")
+    p.add_argument("--prefill-chunk", type=_at_least_one("tokens"), metavar="TOKENS",
+                   help="prompt tokens per forward pass (default 256); the server runs other requests' decode "
+                        "steps between two chunks of a long prompt")
     p.add_argument("--kv-dtype", choices=KV_CACHE_DTYPES, default=DEFAULT_KV_CACHE_DTYPE,
                    help=f"what the KV cache stores (default {DEFAULT_KV_CACHE_DTYPE}: half float32's memory; int8 "
                         "keeps a scale per head row)")
@@ -206,7 +215,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
-    model, _ = _load_model(args.file, args.device, args.ctx, args.kv_dtype)
+    model, _ = _load_model(args)
     if args.template:
         from .templates import preset
 
@@ -222,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server.app import ServerConfig, create_app
 
-    model, path = _load_model(args.file, args.device, args.ctx, args.kv_dtype)
+    model, path = _load_model(args)
     name = args.model_name or Path(path).stem
     app = create_app(model, ServerConfig(name, api_key=args.api_key, max_tokens=args.max_tokens),
                      max_batch=args.max_batch, max_queue=args.max_queue, background_scheduler=False)

@@ -94,9 +94,21 @@ class Sequence:
         self.seen = set(prompt_ids)
         self.output: list[int] = []
         self.finish_reason: str | None = None  # "stop" or "length" once done
+        self.prefilled = 0  # prompt tokens in the cache
+
+    def prefill_chunk(self) -> torch.Tensor | None:
+        """Run the prompt's next `backend.prefill_chunk` tokens: the logits after its last token
+        once the whole prompt is in the cache, else None."""
+        part = self.prompt_ids[self.prefilled:self.prefilled + self.backend.prefill_chunk]
+        logits = self.backend.prefill(part, self.cache)
+        self.prefilled += len(part)
+        return logits if self.prefilled == len(self.prompt_ids) else None
 
     def prefill(self) -> torch.Tensor:
-        return self.backend.prefill(self.prompt_ids, self.cache)
+        """The rest of the prompt, chunk after chunk: the logits after its last token."""
+        logits = self.backend.prefill_chunks(self.prompt_ids[self.prefilled:], self.cache)
+        self.prefilled = len(self.prompt_ids)
+        return logits
 
     def choose(self, logits: torch.Tensor) -> int | None:
         """The next token from `logits`, or None when the sequence stops here."""

@@ -241,6 +241,13 @@ class model:  # noqa: N801 - fastllm's class name
         """What KV caches made from now on store (fastllm's name); running sequences keep theirs."""
         self.backend.kv_dtype = kv_dtype(kv_cache_dtype)
 
+    def set_chunked_prefill_size(self, size: int) -> None:
+        """Prompt tokens per forward pass (fastllm's name; the server steps other sequences
+        between two chunks)."""
+        if size < 1:
+            raise ValueError(f"a prefill chunk holds at least 1 token, got {size}")
+        self.backend.prefill_chunk = int(size)
+
     def get_max_input_len(self) -> int:
         """The longest prompt that leaves room for one new token (fastllm's name)."""
         return self.backend.window - 1

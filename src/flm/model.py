@@ -138,14 +138,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, window
         stacked = q.reshape(batch, kv_heads, heads // kv_heads, dim)
         scores = torch.matmul(stacked, k.transpose(-1, -2)) * dim ** -0.5
         return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(batch, heads, 1, dim)
-    if heads > kv_heads:
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    # grouped-query heads read their KV head in place (enable_gqa), not from repeated copies
     if start == 0 and (window is None or total <= window):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads > kv_heads)
     rows = torch.arange(start, start + seq, device=q.device)[:, None]
     cols = torch.arange(total, device=q.device)[None, :]
     mask = cols <= rows
     if window is not None:
         mask &= cols > rows - window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads > kv_heads)

@@ -24,6 +24,9 @@ class BackendUnavailable(Exception):
 
 class Backend:
     name = "torch"
+    # prompt tokens per forward pass: bounds a long prompt's activations and attention scratch,
+    # and lets the server step other sequences between two chunks (fastllm's chunked prefill)
+    prefill_chunk = 256
 
     def __init__(self, model: Transformer, window: int | None = None, kv_dtype: torch.dtype = torch.float32):
         """window: the context window, the most tokens a sequence may hold (default: what the
@@ -50,6 +53,12 @@ class Backend:
         logits = self._prefill(list(tokens), cache, all_logits)
         cache.length += len(tokens)
         return logits if all_logits else logits[-1]
+
+    def prefill_chunks(self, tokens: Sequence[int], cache: KVCache) -> torch.Tensor:
+        """prefill over `prefill_chunk` tokens at a time: the logits after the last [vocab]."""
+        for start in range(0, len(tokens), self.prefill_chunk):
+            logits = self.prefill(tokens[start:start + self.prefill_chunk], cache)
+        return logits
 
     def step(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
         """Logits [B, vocab] of one new token per sequence, token b continuing caches[b]."""

@@ -1,5 +1,7 @@
 """Continuous batching: one worker thread owns the model and steps every running sequence
-together. A request joins between steps (its prompt is prefilled alone), leaves when it
+together. A request joins between steps: its prompt is prefilled alone, a chunk at a time
+(`Backend.prefill_chunk` tokens) between two steps of the running sequences, so that a long
+prompt delays their next tokens by one chunk, not by its whole prefill. A request leaves when it
 finishes or its client goes away, and each has its own KV cache.
 
 Requests beyond `max_batch` wait in a bounded queue; past that, `submit` refuses (HTTP 429).
@@ -53,6 +55,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.running: list[tuple[Job, int]] = []  # (job, last token not yet fed)
+        self.prefilling: list[Job] = []  # admitted, their prompts going in a chunk at a time, oldest first
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads = torch.get_num_threads()
@@ -80,7 +83,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self.running) + self.waiting.qsize()
+        return len(self.running) + len(self.prefilling) + self.waiting.qsize()
 
     def submit(self, job: Job) -> None:
         try:
@@ -94,7 +97,7 @@ class Scheduler:
         torch.set_num_threads(self._threads)  # OpenMP's thread count is per calling thread
         while not self._stop.is_set():
             self._admit()
-            if not self.running:
+            if not self.running and not self.prefilling:
                 if self.steps != self._trimmed_at:
                     _release_freed_memory()  # KV caches of finished requests go back to the OS
                     self._trimmed_at = self.steps
@@ -108,24 +111,40 @@ class Scheduler:
                 for job, _ in self.running:
                     job.emit(None, f"error: {exc}")
                 self.running = []
+            self._prefill_chunk()
 
     def _finish(self, job: Job, reason: str) -> None:
         job.emit(None, reason)
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
+        while len(self.running) + len(self.prefilling) < self.max_batch:
             try:
                 job = self.waiting.get_nowait()
             except queue.Empty:
                 return
-            if job.cancelled.is_set():
-                continue
-            try:
-                token = job.sequence.choose(job.sequence.prefill())
-            except Exception as exc:
-                self._finish(job, f"error: {exc}")
-                continue
-            self._deliver(job, token)
+            if not job.cancelled.is_set():
+                self.prefilling.append(job)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the oldest prompt; its first token once the prompt is in."""
+        if not self.prefilling:
+            return
+        job = self.prefilling[0]
+        if job.cancelled.is_set():
+            self.prefilling.pop(0)
+            self._finish(job, "cancelled")
+            return
+        try:
+            logits = job.sequence.prefill_chunk()
+            if logits is None:
+                return
+            self.prefilling.pop(0)
+            token = job.sequence.choose(logits)
+        except Exception as exc:
+            self.prefilling.remove(job)
+            self._finish(job, f"error: {exc}")
+            return
+        self._deliver(job, token)
 
     def _deliver(self, job: Job, token: int | None) -> None:
         """Hand a token to the client and keep the job running if it goes on."""
